@@ -1,0 +1,1 @@
+"""mol_props: molecular property prediction from SMILES."""

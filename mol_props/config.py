@@ -1,0 +1,212 @@
+"""Typed configuration: one dataclass per Hydra group, filled from `configs/` by `compose_config`.
+
+The YAML files under `configs/` hold every value; these dataclasses hold none of their own beyond
+what the schema needs (types and structure). Merging the composed YAML into this schema makes a typo
+in an override (`model.hiden_dim=3`) or a wrong type an error instead of a silently ignored key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import MISSING, OmegaConf
+
+CONFIG_NAME = "config"
+
+
+@dataclass
+class SplitConfig:
+    kind: str = MISSING  # scaffold | random | column
+    fractions: list[float] = MISSING  # [train, val, test]
+    seed: int = MISSING
+    column: str = MISSING  # for kind=column: holds train / val / test per row
+
+
+@dataclass
+class DvcConfig:
+    enabled: bool = MISSING
+    remote: str = MISSING  # name of a remote in .dvc/config
+    remote_url: str | None = MISSING  # overrides that remote's url (a local dir) when set
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    source: str = MISSING  # b3db: fetched by download_data(); csv: a user's own table
+    path: str = MISSING
+    separator: str | None = MISSING  # None: tab for .tsv, comma otherwise
+    smiles_column: str = MISSING
+    target_columns: list[str] = MISSING
+    # What predictions are called in outputs; None: the target column names.
+    target_names: list[str] | None = MISSING
+    task: str = MISSING  # classification | regression
+    # Text labels -> numbers for classification tables (B3DB writes BBB+ / BBB-).
+    label_map: dict[str, float] = field(default_factory=dict)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    dvc: DvcConfig = field(default_factory=DvcConfig)
+
+
+@dataclass
+class AtomFeatureConfig:
+    elements: list[int] = MISSING  # atomic numbers with their own slot
+    degrees: list[int] = MISSING
+    formal_charges: list[int] = MISSING
+    hybridizations: list[str] = MISSING  # RDKit HybridizationType names
+    total_hydrogens: list[int] = MISSING
+    chiral_tags: list[str] = MISSING  # RDKit ChiralType names
+
+
+@dataclass
+class FingerprintConfig:
+    size: int = MISSING  # Morgan count bits appended to the descriptors; 0 = off
+    radius: int = MISSING
+
+
+@dataclass
+class PreprocessConfig:
+    max_atoms: int = MISSING
+    fragments: str = MISSING  # largest | error | keep_all
+    atom: AtomFeatureConfig = field(default_factory=AtomFeatureConfig)
+    descriptors: list[str] = MISSING
+    fingerprint: FingerprintConfig = field(default_factory=FingerprintConfig)
+    num_workers: int = MISSING  # 0 = all cores
+    chunk_size: int = MISSING
+    cache_dir: str = MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    conv: str = MISSING  # gin | graph
+    hidden_dim: int = MISSING
+    num_layers: int = MISSING
+    dropout: float = MISSING
+    descriptor_hidden_dim: int = MISSING  # 0 = ignore the descriptor vector
+    head_hidden_dim: int = MISSING
+    head_layers: int = MISSING
+
+
+@dataclass
+class TrainConfig:
+    seed: int = MISSING
+    max_epochs: int = MISSING
+    batch_size: int = MISSING
+    learning_rate: float = MISSING
+    weight_decay: float = MISSING
+    scheduler: str = MISSING  # onecycle | cosine | constant
+    warmup_fraction: float = MISSING
+    gradient_clip: float = MISSING
+    patience: int = MISSING  # epochs without validation improvement before stopping
+    accelerator: str = MISSING  # auto | cpu | cuda
+    devices: int = MISSING
+    precision: str = MISSING
+    strategy: str = MISSING
+    num_threads: int = MISSING  # torch intra-op threads on CPU; 0 = torch's default
+    resume: bool = MISSING
+    checkpoint_dir: str = MISSING
+    models_dir: str = MISSING
+    export_after: bool = MISSING  # run `mol_props export` at the end, so `infer` works next
+    progress: bool = MISSING
+
+
+@dataclass
+class LoggingConfig:
+    tracking_uri: str = MISSING
+    experiment_name: str = MISSING
+    run_name: str | None = MISSING
+    fallback_uri: str = MISSING  # local store used when the server does not answer
+    connect_timeout_s: float = MISSING
+    plots_dir: str = MISSING
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = MISSING
+    onnx_path: str = MISSING  # fixed max_atoms: the Triton / TensorRT contract
+    dynamic_onnx_path: str = MISSING  # atom axis left dynamic: local ONNX Runtime buckets
+    metadata_path: str = MISSING
+    opset: int = MISSING
+    parity_tolerance: float = MISSING
+    parity_molecules: int = MISSING
+    triton_model_name: str = MISSING
+    dvc_track: bool = MISSING
+
+
+@dataclass
+class InferConfig:
+    model_path: str = MISSING
+    metadata_path: str = MISSING
+    batch_size: int = MISSING
+    chunk_size: int = MISSING  # rows read, featurized and written at a time
+    atom_buckets: list[int] = MISSING  # pad each molecule to the smallest bucket that fits
+    num_threads: int = MISSING  # ONNX Runtime intra-op threads; 0 = its default
+    smiles_column: str = MISSING
+    progress: bool = MISSING
+    server_model_name: str = MISSING
+    server_timeout_s: float = MISSING
+    server_concurrency: int = MISSING  # requests a Triton client keeps in flight at once
+
+
+@dataclass
+class ServingConfig:
+    triton_repo: str = MISSING
+    host: str = MISSING
+    http_port: int = MISSING
+    grpc_port: int = MISSING
+    metrics_port: int = MISSING
+    backend: str = MISSING  # onnx | tensorrt
+    model_name: str = MISSING
+    ready_timeout_s: float = MISSING
+    stop_timeout_s: float = MISSING  # on stop, in-flight requests may finish this long
+    exit_timeout_s: float = MISSING  # then Triton waits this long for clients to disconnect
+    work_dir: str = MISSING  # where the CPU server assembles its backend directory
+    log_verbose: int = MISSING
+    tritonserver: str = MISSING  # auto | bundled | a path to a tritonserver binary
+    python_backend: dict[str, str] = field(default_factory=dict)  # --backend-config=python,k=v
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
+
+
+def config_dir() -> Path:
+    """`configs/` of a source checkout, or the copy packed into an installed wheel."""
+    package_dir = Path(__file__).resolve().parent
+    for candidate in (package_dir.parent / "configs", package_dir / "configs"):
+        if (candidate / f"{CONFIG_NAME}.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"no {CONFIG_NAME}.yaml next to {package_dir}")
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Compose `configs/` with Hydra overrides (e.g. `model.hidden_dim=256`) into a typed Config."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        composed = compose(config_name=CONFIG_NAME, overrides=list(overrides))
+    merged = OmegaConf.merge(OmegaConf.structured(Config), composed)
+    return OmegaConf.to_object(merged)
+
+
+def to_flat_dict(config: Config) -> dict[str, str]:
+    """`{"model.hidden_dim": "256", ...}`: the resolved config as MLflow params."""
+    flat: dict[str, str] = {}
+
+    def visit(prefix: str, node: object) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                visit(f"{prefix}.{key}" if prefix else str(key), value)
+        else:
+            flat[prefix] = str(node)
+
+    visit("", OmegaConf.to_container(OmegaConf.structured(config), resolve=True))
+    return flat

@@ -1,0 +1,202 @@
+"""Export: models/best.ckpt -> ONNX (fixed max_atoms, dynamic batch), checked against PyTorch.
+
+Writes
+  models/model.onnx                 [B, max_atoms, ...] inputs: the Triton / TensorRT contract
+  models/model_dynamic_atoms.onnx   same graph with the atom axis dynamic: local size buckets
+  models/model.json                 ModelMetadata: task, targets, featurizer settings and widths
+and copies the fixed model into triton_repo/. The model outputs what a user wants (probability or
+original units), so no step after it needs to know about scaling.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mol_props.config import Config, ModelConfig
+from mol_props.featurize import FEATURIZER_VERSION, Featurizer, MoleculeGraph, pad_graphs
+from mol_props.infer import ModelMetadata
+from mol_props.model import MoleculeGNN, PredictionModel
+
+LOGGER = logging.getLogger(__name__)
+
+INPUT_NAMES = ["atom_features", "adjacency", "atom_mask", "descriptors"]
+OUTPUT_NAME = "prediction"
+
+
+class ExportError(RuntimeError):
+    """The exported model is missing, invalid, or disagrees with PyTorch."""
+
+
+def load_prediction_model(checkpoint: Path) -> tuple[PredictionModel, dict]:
+    """The trained network wrapped with its output step, in eval mode, plus the checkpoint."""
+    if not checkpoint.is_file():
+        raise ExportError(
+            f"no checkpoint at {checkpoint}: train first with `uv run mol_props train`"
+        )
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    network = MoleculeGNN(
+        payload["atom_feature_size"],
+        payload["descriptor_size"],
+        len(payload["targets"]),
+        ModelConfig(**payload["model_config"]),
+    )
+    network.load_state_dict(payload["model"])
+    model = PredictionModel(
+        network,
+        payload["task"],
+        torch.tensor(payload["target_mean"], dtype=torch.float32),
+        torch.tensor(payload["target_std"], dtype=torch.float32),
+    )
+    return model.eval(), payload
+
+
+def example_inputs(
+    graphs: list[MoleculeGraph], num_atoms: int, featurizer: Featurizer
+) -> dict[str, np.ndarray]:
+    batch = pad_graphs(graphs, num_atoms, featurizer.descriptor_size, len(featurizer))
+    return batch.as_inputs()
+
+
+def export_onnx(
+    model: PredictionModel,
+    inputs: dict[str, np.ndarray],
+    path: Path,
+    opset: int,
+    dynamic_atoms: bool,
+) -> None:
+    """TorchScript-based ONNX export with a dynamic batch (and optionally atom) axis."""
+    batch_axes = {name: {0: "batch"} for name in INPUT_NAMES}
+    batch_axes[OUTPUT_NAME] = {0: "batch"}
+    if dynamic_atoms:
+        batch_axes["atom_features"][1] = "atoms"
+        batch_axes["adjacency"].update({1: "atoms", 2: "atoms"})
+        batch_axes["atom_mask"][1] = "atoms"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(
+            model,
+            tuple(torch.from_numpy(inputs[name]) for name in INPUT_NAMES),
+            str(path),
+            input_names=INPUT_NAMES,
+            output_names=[OUTPUT_NAME],
+            dynamic_axes=batch_axes,
+            opset_version=opset,
+            dynamo=False,
+        )
+
+
+def check_parity(
+    model: PredictionModel, path: Path, inputs: dict[str, np.ndarray], tolerance: float
+) -> float:
+    """Max |ONNX Runtime - PyTorch| on the given inputs; raises above `tolerance`."""
+    import onnx
+    import onnxruntime
+
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (onnx_output,) = session.run([OUTPUT_NAME], inputs)  # [B, T]
+    with torch.no_grad():
+        torch_output = model(*(torch.from_numpy(inputs[name]) for name in INPUT_NAMES)).numpy()
+    difference = float(np.max(np.abs(onnx_output - torch_output)))
+    if not difference <= tolerance:
+        raise ExportError(
+            f"{path}: ONNX Runtime differs from PyTorch by {difference:.2e} "
+            f"(tolerance {tolerance:.0e})"
+        )
+    return difference
+
+
+def _validation_graphs(config: Config, featurizer: Featurizer, count: int) -> list[MoleculeGraph]:
+    """Validation molecules of the configured data for the parity check."""
+    from mol_props.data import prepare_data
+
+    data = prepare_data(config.data, config.preprocess, progress=False)
+    rows = data.splits["val"] if len(data.splits["val"]) else data.splits["train"]
+    return [data.graphs[i] for i in rows[:count]]
+
+
+@dataclass
+class ExportResult:
+    onnx_path: Path
+    dynamic_onnx_path: Path
+    metadata_path: Path
+    max_difference: float
+
+
+def run(config: Config, validation_graphs: list[MoleculeGraph] | None = None) -> ExportResult:
+    """The `mol_props export` command."""
+    settings = config.export
+    model, payload = load_prediction_model(Path(settings.checkpoint))
+    from omegaconf import OmegaConf
+
+    from mol_props.config import PreprocessConfig
+
+    preprocess = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(PreprocessConfig), payload["preprocess"])
+    )
+    featurizer = Featurizer(preprocess)
+    graphs = validation_graphs or _validation_graphs(config, featurizer, settings.parity_molecules)
+    max_atoms = preprocess.max_atoms
+    fixed_path, dynamic_path = Path(settings.onnx_path), Path(settings.dynamic_onnx_path)
+
+    fixed_inputs = example_inputs(graphs, max_atoms, featurizer)
+    export_onnx(model, fixed_inputs, fixed_path, settings.opset, dynamic_atoms=False)
+    difference = check_parity(model, fixed_path, fixed_inputs, settings.parity_tolerance)
+
+    # The dynamic model is checked at a small padding, against PyTorch at the same padding.
+    small_atoms = max(graph.num_atoms for graph in graphs)
+    small_inputs = example_inputs(graphs, small_atoms, featurizer)
+    export_onnx(model, small_inputs, dynamic_path, settings.opset, dynamic_atoms=True)
+    difference = max(
+        difference,
+        check_parity(model, dynamic_path, small_inputs, settings.parity_tolerance),
+        check_parity(model, dynamic_path, fixed_inputs, settings.parity_tolerance),
+    )
+    print(
+        f"export: parity ONNX Runtime vs PyTorch on {len(graphs)} validation molecules: "
+        f"max |diff| = {difference:.2e} (tolerance {settings.parity_tolerance:.0e})"
+    )
+    metadata = ModelMetadata(
+        task=payload["task"],
+        targets=list(payload["targets"]),
+        max_atoms=max_atoms,
+        atom_feature_size=featurizer.atom_feature_size,
+        descriptor_size=featurizer.descriptor_size,
+        featurizer_version=FEATURIZER_VERSION,
+        preprocess=payload["preprocess"],
+    )
+    metadata_path = Path(settings.metadata_path)
+    metadata.save(metadata_path)
+    _publish(config, fixed_path, metadata)
+    return ExportResult(fixed_path, dynamic_path, metadata_path, difference)
+
+
+def _publish(config: Config, onnx_path: Path, metadata: ModelMetadata) -> None:
+    """Copy the model into triton_repo/ and version models/ with DVC (when configured)."""
+    try:
+        from mol_props.triton_repo import populate_model_repository
+    except ImportError:
+        populate_model_repository = None
+    if populate_model_repository is not None:
+        populate_model_repository(
+            Path(config.serving.triton_repo),
+            onnx_path,
+            metadata,
+            config.export.triton_model_name,
+        )
+        print(f"export: Triton model repository updated: {config.serving.triton_repo}")
+    if config.export.dvc_track and config.data.dvc.enabled:
+        from mol_props.artifacts import dvc_add_and_push
+
+        models_dir = Path(config.train.models_dir)
+        try:
+            (dvc_file,) = dvc_add_and_push([models_dir], config.data.dvc)
+        except Exception as error:  # dvc raises many types; the export itself succeeded
+            LOGGER.warning("export: could not version %s with DVC: %s", models_dir, error)
+        else:
+            print(f"export: {models_dir} pushed to DVC remote; commit {dvc_file} to share it")

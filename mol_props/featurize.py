@@ -1,0 +1,354 @@
+"""SMILES -> atom features, bond-weighted adjacency and molecule descriptors (RDKit + numpy only).
+
+This is the one featurizer of the project: training, `mol_props infer` and Triton's featurizer step
+all call it, so a molecule is never featurized two ways. It must never import torch.
+
+A molecule becomes a compact `MoleculeGraph` (only its own atoms); `pad_graphs` turns a list of them
+into the fixed-shape tensors the model takes:
+
+    atom_features [B, N, F] float32   one-hot groups (each with an "unknown" slot) + scalars
+    adjacency     [B, N, N] float32   bond order on both (i, j) and (j, i); aromatic = 1.5
+    atom_mask     [B, N]    float32   1 for a real atom, 0 for padding
+    descriptors   [B, D]    float32   fast RDKit molecule descriptors (and optional Morgan counts)
+
+Bonds reach the model as a bond-order-weighted adjacency rather than one adjacency channel per bond
+type: it keeps the model's input one [N, N] matrix (a single MatMul per layer in ONNX/TensorRT) while
+still telling a double bond from a single one; aromatic bonds sit in between at 1.5.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from rdkit import Chem, rdBase
+from rdkit.Chem import Crippen, Descriptors, rdFingerprintGenerator, rdMolDescriptors
+from rdkit.Chem.Scaffolds import MurckoScaffold
+
+from mol_props.config import PreprocessConfig
+
+FEATURIZER_VERSION = "1"
+
+# Fast molecule-level descriptors (microseconds each, except where noted), by config name.
+DESCRIPTOR_FUNCTIONS: dict[str, Callable[[Chem.Mol], float]] = {
+    "MolWt": Descriptors.MolWt,
+    "TPSA": rdMolDescriptors.CalcTPSA,
+    "NumHDonors": rdMolDescriptors.CalcNumLipinskiHBD,
+    "NumHAcceptors": rdMolDescriptors.CalcNumLipinskiHBA,
+    "NumHeteroatoms": rdMolDescriptors.CalcNumHeteroatoms,
+    "NumRings": rdMolDescriptors.CalcNumRings,
+    "NumAromaticRings": rdMolDescriptors.CalcNumAromaticRings,
+    "FractionCSP3": rdMolDescriptors.CalcFractionCSP3,
+    "LabuteASA": rdMolDescriptors.CalcLabuteASA,
+    "HeavyAtomCount": rdMolDescriptors.CalcNumHeavyAtoms,
+    "FormalCharge": Chem.GetFormalCharge,
+    "NumAtomStereoCenters": rdMolDescriptors.CalcNumAtomStereoCenters,
+    "NumAmideBonds": rdMolDescriptors.CalcNumAmideBonds,
+    # Crippen typing matches ~100 SMARTS patterns: ~0.5 ms per molecule.
+    "MolLogP": Crippen.MolLogP,
+    "MolMR": Crippen.MolMR,
+    # SMARTS based: ~0.2 ms per molecule.
+    "NumRotatableBonds": rdMolDescriptors.CalcNumRotatableBonds,
+}
+
+HYBRIDIZATIONS = {str(value): int(value) for value in Chem.rdchem.HybridizationType.values.values()}
+CHIRAL_TAGS = {str(value): int(value) for value in Chem.rdchem.ChiralType.values.values()}
+
+
+class FeaturizationError(ValueError):
+    """A molecule that cannot be featurized, with a reason a person can act on."""
+
+    def __init__(self, smiles: str, reason: str) -> None:
+        super().__init__(f"{smiles!r}: {reason}")
+        self.smiles = smiles
+        self.reason = reason
+
+    def __reduce__(self):
+        # Pickled back from featurization worker processes with both arguments.
+        return (FeaturizationError, (self.smiles, self.reason))
+
+
+@dataclass
+class MoleculeGraph:
+    """One molecule, unpadded: n atoms, F atom features, D descriptors."""
+
+    atom_features: np.ndarray  # [n, F] float32
+    adjacency: np.ndarray  # [n, n] float32, symmetric, zero diagonal
+    descriptors: np.ndarray  # [D] float32
+    # Filled only when asked for (training data): duplicate detection and the scaffold split.
+    canonical_smiles: str = ""
+    scaffold: str = ""
+
+    @property
+    def num_atoms(self) -> int:
+        return self.atom_features.shape[0]
+
+
+@dataclass
+class PaddedBatch:
+    """Fixed-shape model inputs, named as the ONNX model and Triton configs name them."""
+
+    atom_features: np.ndarray  # [B, N, F] float32
+    adjacency: np.ndarray  # [B, N, N] float32
+    atom_mask: np.ndarray  # [B, N] float32
+    descriptors: np.ndarray  # [B, D] float32
+
+    def as_inputs(self) -> dict[str, np.ndarray]:
+        return {
+            "atom_features": self.atom_features,
+            "adjacency": self.adjacency,
+            "atom_mask": self.atom_mask,
+            "descriptors": self.descriptors,
+        }
+
+
+def _slot_table(values: Sequence[int], size: int, shift: int = 0) -> np.ndarray:
+    """Lookup table value -> one-hot slot; values not listed map to the last ("unknown") slot."""
+    table = np.full(size, len(values), dtype=np.int64)
+    for slot, value in enumerate(values):
+        table[value + shift] = slot
+    return table
+
+
+class Featurizer:
+    """Callable SMILES -> MoleculeGraph; `atom_feature_size` and `descriptor_size` give widths."""
+
+    # Property ranges the lookup tables cover; anything outside lands in the unknown slot.
+    _MAX_ATOMIC_NUMBER = 119
+    _MAX_DEGREE = 16
+    _CHARGE_SHIFT = 8  # formal charges -8..+8
+    _MAX_HYDROGENS = 16
+
+    def __init__(self, config: PreprocessConfig) -> None:
+        self.config = config
+        atom = config.atom
+        self._element_slots = _slot_table(atom.elements, self._MAX_ATOMIC_NUMBER)
+        self._degree_slots = _slot_table(atom.degrees, self._MAX_DEGREE + 1)
+        self._charge_slots = _slot_table(
+            atom.formal_charges, 2 * self._CHARGE_SHIFT + 1, shift=self._CHARGE_SHIFT
+        )
+        self._hybridization_slots = _slot_table(
+            [HYBRIDIZATIONS[name] for name in atom.hybridizations], len(HYBRIDIZATIONS)
+        )
+        self._hydrogen_slots = _slot_table(atom.total_hydrogens, self._MAX_HYDROGENS + 1)
+        self._chirality_slots = _slot_table(
+            [CHIRAL_TAGS[name] for name in atom.chiral_tags], len(CHIRAL_TAGS)
+        )
+        # One-hot groups in feature order: (lookup table, width including the unknown slot).
+        self._groups = [
+            self._element_slots,
+            self._degree_slots,
+            self._charge_slots,
+            self._hybridization_slots,
+            self._hydrogen_slots,
+            self._chirality_slots,
+        ]
+        self._group_offsets = np.cumsum([0] + [int(table.max()) + 1 for table in self._groups])
+        # After the one-hot groups: aromatic, in ring, atomic mass / 100.
+        self.atom_feature_size = int(self._group_offsets[-1]) + 3
+        self._descriptor_functions = [DESCRIPTOR_FUNCTIONS[name] for name in config.descriptors]
+        self._fingerprint = (
+            rdFingerprintGenerator.GetMorganGenerator(
+                radius=config.fingerprint.radius, fpSize=config.fingerprint.size
+            )
+            if config.fingerprint.size > 0
+            else None
+        )
+        self.descriptor_size = len(self._descriptor_functions) + config.fingerprint.size
+
+    def __len__(self) -> int:
+        return self.atom_feature_size
+
+    def __call__(self, smiles: str, with_keys: bool = False) -> MoleculeGraph:
+        """Featurize one SMILES; `with_keys` adds canonical SMILES and Bemis-Murcko scaffold."""
+        molecule = self.parse(smiles)
+        graph = MoleculeGraph(
+            atom_features=self.atom_features(molecule),
+            adjacency=Chem.GetAdjacencyMatrix(molecule, useBO=True).astype(np.float32),
+            descriptors=self.molecule_descriptors(molecule),
+        )
+        if with_keys:
+            graph.canonical_smiles = Chem.MolToSmiles(molecule)
+            graph.scaffold = MurckoScaffold.MurckoScaffoldSmiles(mol=molecule)
+        return graph
+
+    def parse(self, smiles: str) -> Chem.Mol:
+        """SMILES -> RDKit molecule (one fragment), or FeaturizationError naming the reason."""
+        if not isinstance(smiles, str):
+            raise FeaturizationError(str(smiles), f"expected a SMILES string, got {type(smiles)}")
+        text = smiles.strip()
+        if not text:
+            raise FeaturizationError(smiles, "empty SMILES")
+        if any(character.isspace() for character in text):
+            # RDKit reads "CC O" as ethane named "O": everything after a space is a name.
+            kept = text.split()[0]
+            raise FeaturizationError(
+                smiles, f"SMILES contains whitespace; RDKit would silently read only {kept!r}"
+            )
+        molecule = Chem.MolFromSmiles(text)
+        if molecule is None:
+            raise FeaturizationError(smiles, _parse_failure_reason(text))
+        if "." in text:
+            molecule = self._choose_fragment(smiles, molecule)
+        num_atoms = molecule.GetNumAtoms()
+        if num_atoms == 0:
+            raise FeaturizationError(smiles, "molecule has no atoms")
+        if num_atoms > self.config.max_atoms:
+            raise FeaturizationError(
+                smiles,
+                f"{num_atoms} heavy atoms, more than max_atoms={self.config.max_atoms}",
+            )
+        return molecule
+
+    def _choose_fragment(self, smiles: str, molecule: Chem.Mol) -> Chem.Mol:
+        fragments = Chem.GetMolFrags(molecule, asMols=True)
+        if len(fragments) == 1 or self.config.fragments == "keep_all":
+            return molecule
+        if self.config.fragments == "error":
+            raise FeaturizationError(
+                smiles,
+                f"{len(fragments)} fragments (a salt or mixture); "
+                "set preprocess.fragments=largest to keep the largest organic one",
+            )
+
+        # Largest organic fragment: carbon-containing first, then by heavy atoms.
+        def rank(fragment: Chem.Mol) -> tuple[bool, int]:
+            has_carbon = any(atom.GetAtomicNum() == 6 for atom in fragment.GetAtoms())
+            return has_carbon, fragment.GetNumAtoms()
+
+        return max(fragments, key=rank)
+
+    def atom_features(self, molecule: Chem.Mol) -> np.ndarray:
+        """[n, F] float32: one-hot groups with unknown slots, then aromatic, ring, mass/100."""
+        properties = np.array(
+            [
+                (
+                    atom.GetAtomicNum(),
+                    atom.GetDegree(),
+                    atom.GetFormalCharge(),
+                    int(atom.GetHybridization()),
+                    atom.GetTotalNumHs(),
+                    int(atom.GetChiralTag()),
+                    atom.GetIsAromatic(),
+                    atom.IsInRing(),
+                    atom.GetMass(),
+                )
+                for atom in molecule.GetAtoms()
+            ],
+            dtype=np.float64,
+        )  # [n, 9]
+        num_atoms = properties.shape[0]
+        integer = properties[:, :6].astype(np.int64)
+        integer[:, 0] = np.clip(integer[:, 0], 0, self._MAX_ATOMIC_NUMBER - 1)
+        integer[:, 1] = np.clip(integer[:, 1], 0, self._MAX_DEGREE)
+        integer[:, 2] = np.clip(integer[:, 2] + self._CHARGE_SHIFT, 0, 2 * self._CHARGE_SHIFT)
+        integer[:, 4] = np.clip(integer[:, 4], 0, self._MAX_HYDROGENS)
+        features = np.zeros((num_atoms, self.atom_feature_size), dtype=np.float32)
+        rows = np.arange(num_atoms)
+        for column, table in enumerate(self._groups):
+            features[rows, self._group_offsets[column] + table[integer[:, column]]] = 1.0
+        features[:, -3] = properties[:, 6]
+        features[:, -2] = properties[:, 7]
+        features[:, -1] = properties[:, 8] / 100.0
+        return features
+
+    def molecule_descriptors(self, molecule: Chem.Mol) -> np.ndarray:
+        """[D] float32: the configured descriptors, then Morgan counts if enabled."""
+        values = np.array([function(molecule) for function in self._descriptor_functions])
+        if self._fingerprint is None:
+            return values.astype(np.float32)
+        counts = self._fingerprint.GetCountFingerprintAsNumPy(molecule)
+        return np.concatenate([values, counts]).astype(np.float32)
+
+    def featurize_many(
+        self, smiles: Iterable[str], with_keys: bool = False
+    ) -> list[MoleculeGraph | FeaturizationError]:
+        """One result per input, in order: a graph, or the error saying why not."""
+        results: list[MoleculeGraph | FeaturizationError] = []
+        # RDKit would also print its own parse errors to stderr; our errors carry the reason.
+        with rdBase.BlockLogs():
+            for text in smiles:
+                try:
+                    results.append(self(text, with_keys))
+                except FeaturizationError as error:
+                    results.append(error)
+        return results
+
+
+def _parse_failure_reason(text: str) -> str:
+    """Why RDKit rejected a SMILES: a syntax error, or the chemistry problem it found."""
+    unsanitized = Chem.MolFromSmiles(text, sanitize=False)
+    if unsanitized is None:
+        return "unparsable SMILES (syntax error)"
+    problems = Chem.DetectChemistryProblems(unsanitized)
+    if problems:
+        return f"invalid chemistry: {problems[0].Message()}"
+    return "unparsable SMILES"
+
+
+def pad_graphs(
+    graphs: Sequence[MoleculeGraph], num_atoms: int, descriptor_size: int, atom_feature_size: int
+) -> PaddedBatch:
+    """Stack graphs into fixed-shape arrays padded to `num_atoms` (padding is all zeros)."""
+    batch_size = len(graphs)
+    atom_features = np.zeros((batch_size, num_atoms, atom_feature_size), dtype=np.float32)
+    adjacency = np.zeros((batch_size, num_atoms, num_atoms), dtype=np.float32)
+    atom_mask = np.zeros((batch_size, num_atoms), dtype=np.float32)
+    descriptors = np.zeros((batch_size, descriptor_size), dtype=np.float32)
+    for i, graph in enumerate(graphs):
+        size = graph.num_atoms
+        atom_features[i, :size] = graph.atom_features
+        adjacency[i, :size, :size] = graph.adjacency
+        atom_mask[i, :size] = 1.0
+        descriptors[i] = graph.descriptors
+    return PaddedBatch(atom_features, adjacency, atom_mask, descriptors)
+
+
+_WORKER_FEATURIZER: Featurizer | None = None
+
+
+def _init_worker(config: PreprocessConfig) -> None:
+    global _WORKER_FEATURIZER
+    _WORKER_FEATURIZER = Featurizer(config)
+
+
+def _featurize_chunk(
+    chunk_and_keys: tuple[list[str], bool]
+) -> list[MoleculeGraph | FeaturizationError]:
+    assert _WORKER_FEATURIZER is not None, "worker started without _init_worker"
+    chunk, with_keys = chunk_and_keys
+    return _WORKER_FEATURIZER.featurize_many(chunk, with_keys)
+
+
+def featurize_parallel(
+    smiles: Sequence[str],
+    config: PreprocessConfig,
+    num_workers: int,
+    chunk_size: int = 256,
+    progress: bool = True,
+    description: str = "featurize",
+    with_keys: bool = False,
+) -> list[MoleculeGraph | FeaturizationError]:
+    """Featurize many molecules on `num_workers` processes (0 = all cores), with a progress bar."""
+    from tqdm.auto import tqdm
+
+    workers = num_workers or multiprocessing.cpu_count()
+    chunks = [list(smiles[start : start + chunk_size]) for start in range(0, len(smiles), chunk_size)]
+    bar = tqdm(total=len(smiles), desc=description, unit="mol", disable=not progress)
+    results: list[MoleculeGraph | FeaturizationError] = []
+    if workers <= 1 or len(chunks) <= 1:
+        featurizer = Featurizer(config)
+        for chunk in chunks:
+            results.extend(featurizer.featurize_many(chunk, with_keys))
+            bar.update(len(chunk))
+    else:
+        context = multiprocessing.get_context("fork")
+        with context.Pool(workers, initializer=_init_worker, initargs=(config,)) as pool:
+            work = [(chunk, with_keys) for chunk in chunks]
+            for chunk_results in pool.imap(_featurize_chunk, work):
+                results.extend(chunk_results)
+                bar.update(len(chunk_results))
+    bar.close()
+    return results

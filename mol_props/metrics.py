@@ -1,0 +1,98 @@
+"""Evaluation metrics in numpy (no torch, no sklearn): per target, ignoring missing labels."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# The metric that picks the best epoch and stops early, and whether higher is better.
+MONITORED = {"classification": ("roc_auc", True), "regression": ("rmse", False)}
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve via the rank-sum (Mann-Whitney U) formula, ties averaged."""
+    positives = labels == 1
+    num_positive, num_negative = int(positives.sum()), int((~positives).sum())
+    if num_positive == 0 or num_negative == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # Average ranks over ties so that equal scores count half.
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    average_ranks = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(average_ranks, counts)
+    rank_sum = ranks[positives].sum()
+    return float((rank_sum - num_positive * (num_positive + 1) / 2) / (num_positive * num_negative))
+
+
+def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    """PR-AUC as average precision (precision at each positive, scores descending)."""
+    if labels.sum() == 0:
+        return float("nan")
+    order = np.argsort(-scores, kind="mergesort")
+    hits = labels[order] == 1
+    precision_at_k = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float(precision_at_k[hits].mean())
+
+
+def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    predicted = probabilities >= 0.5
+    actual = labels == 1
+    true_positive = float(np.sum(predicted & actual))
+    true_negative = float(np.sum(~predicted & ~actual))
+    false_positive = float(np.sum(predicted & ~actual))
+    false_negative = float(np.sum(~predicted & actual))
+    precision_denominator = true_positive + false_positive
+    recall_denominator = true_positive + false_negative
+    f1_denominator = 2 * true_positive + false_positive + false_negative
+    mcc_denominator = np.sqrt(
+        precision_denominator
+        * recall_denominator
+        * (true_negative + false_positive)
+        * (true_negative + false_negative)
+    )
+    return {
+        "roc_auc": roc_auc(labels, probabilities),
+        "pr_auc": average_precision(labels, probabilities),
+        "accuracy": float(np.mean(predicted == actual)),
+        "f1": 2 * true_positive / f1_denominator if f1_denominator else 0.0,
+        "mcc": (
+            (true_positive * true_negative - false_positive * false_negative) / mcc_denominator
+            if mcc_denominator
+            else 0.0
+        ),
+        "brier": float(np.mean((probabilities - labels) ** 2)),
+    }
+
+
+def regression_metrics(values: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
+    errors = predictions - values
+    total = np.sum((values - values.mean()) ** 2)
+    return {
+        "rmse": float(np.sqrt(np.mean(errors**2))),
+        "mae": float(np.mean(np.abs(errors))),
+        "r2": float(1.0 - np.sum(errors**2) / total) if total > 0 else float("nan"),
+    }
+
+
+def evaluate(
+    targets: np.ndarray, predictions: np.ndarray, task: str, target_names: list[str]
+) -> dict[str, float]:
+    """Metrics per target (`<name>/<metric>`) and their mean over targets (`<metric>`).
+
+    targets, predictions: [M, T] in user units (probabilities or original values); NaN targets
+    are skipped."""
+    compute = classification_metrics if task == "classification" else regression_metrics
+    per_target: list[dict[str, float]] = []
+    results: dict[str, float] = {}
+    for k, name in enumerate(target_names):
+        present = ~np.isnan(targets[:, k])
+        if not present.any():
+            continue
+        metrics = compute(targets[present, k], predictions[present, k])
+        per_target.append(metrics)
+        if len(target_names) > 1:
+            results.update({f"{name}/{metric}": value for metric, value in metrics.items()})
+    for metric in per_target[0] if per_target else []:
+        results[metric] = float(np.nanmean([metrics[metric] for metrics in per_target]))
+    return results

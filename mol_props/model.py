@@ -1,0 +1,113 @@
+"""The dense GNN: padded molecules in, one value per target out (torch + torch_geometric only).
+
+    atom_features [B, N, F] --embed--> h [B, N, H]
+        -> num_layers x (DenseGINConv | DenseGraphConv, LayerNorm, ReLU, dropout, residual)
+        -> masked mean pool                                     [B, H]
+    descriptors   [B, D] --standardize, MLP-->                  [B, Hd]
+    concat -> MLP head -> logits / standardized values          [B, T]
+
+Every op is a MatMul, an elementwise op or a ReduceSum, so the graph exports to plain ONNX and
+TensorRT. Padded atoms contribute nothing: the convolutions zero them (mask), the adjacency has no
+edges to them, LayerNorm works per atom, and pooling divides by the real atom count.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch_geometric.nn.dense import DenseGINConv, DenseGraphConv
+
+from mol_props.config import ModelConfig
+
+
+def _convolution(kind: str, hidden_dim: int) -> nn.Module:
+    if kind == "gin":
+        mlp = nn.Sequential(
+            nn.Linear(hidden_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim)
+        )
+        return DenseGINConv(mlp, train_eps=True)
+    if kind == "graph":
+        # Sum aggregation: plain MatMul in ONNX ("max" would export to ScatterND).
+        return DenseGraphConv(hidden_dim, hidden_dim, aggr="add")
+    raise ValueError(f"unknown model.conv={kind!r}: gin | graph")
+
+
+class MoleculeGNN(nn.Module):
+    """Dense GNN + descriptor MLP; returns raw outputs (logits or standardized values) [B, T]."""
+
+    def __init__(
+        self,
+        atom_feature_size: int,
+        descriptor_size: int,
+        num_targets: int,
+        config: ModelConfig,
+    ) -> None:
+        super().__init__()
+        hidden = config.hidden_dim
+        self.atom_embedding = nn.Linear(atom_feature_size, hidden)
+        self.convolutions = nn.ModuleList(
+            [_convolution(config.conv, hidden) for _ in range(config.num_layers)]
+        )
+        self.norms = nn.ModuleList([nn.LayerNorm(hidden) for _ in range(config.num_layers)])
+        self.dropout = nn.Dropout(config.dropout)
+        self.use_descriptors = config.descriptor_hidden_dim > 0 and descriptor_size > 0
+        # Descriptor scaling is part of the model (and so of the ONNX graph): set from train data.
+        self.register_buffer("descriptor_mean", torch.zeros(descriptor_size))
+        self.register_buffer("descriptor_std", torch.ones(descriptor_size))
+        head_input = hidden
+        if self.use_descriptors:
+            self.descriptor_mlp = nn.Sequential(
+                nn.Linear(descriptor_size, config.descriptor_hidden_dim),
+                nn.ReLU(),
+                nn.Dropout(config.dropout),
+                nn.Linear(config.descriptor_hidden_dim, config.descriptor_hidden_dim),
+                nn.ReLU(),
+            )
+            head_input += config.descriptor_hidden_dim
+        layers: list[nn.Module] = []
+        width = head_input
+        for _ in range(config.head_layers - 1):
+            layers += [nn.Linear(width, config.head_hidden_dim), nn.ReLU(), nn.Dropout(config.dropout)]
+            width = config.head_hidden_dim
+        layers.append(nn.Linear(width, num_targets))
+        self.head = nn.Sequential(*layers)
+
+    def set_descriptor_scaling(self, mean: Tensor, std: Tensor) -> None:
+        self.descriptor_mean.copy_(mean)
+        self.descriptor_std.copy_(std.clamp(min=1e-6))
+
+    def forward(
+        self, atom_features: Tensor, adjacency: Tensor, atom_mask: Tensor, descriptors: Tensor
+    ) -> Tensor:
+        mask = atom_mask.unsqueeze(-1)  # [B, N, 1]
+        hidden = torch.relu(self.atom_embedding(atom_features)) * mask  # [B, N, H]
+        for convolution, norm in zip(self.convolutions, self.norms):
+            update = convolution(hidden, adjacency, atom_mask)  # [B, N, H], padding rows zero
+            hidden = hidden + self.dropout(torch.relu(norm(update))) * mask  # residual
+        atom_count = atom_mask.sum(dim=1, keepdim=True).clamp(min=1.0)  # [B, 1]
+        pooled = hidden.sum(dim=1) / atom_count  # [B, H] masked mean
+        if self.use_descriptors:
+            scaled = (descriptors - self.descriptor_mean) / self.descriptor_std  # [B, D]
+            pooled = torch.cat([pooled, self.descriptor_mlp(scaled)], dim=-1)  # [B, H + Hd]
+        return self.head(pooled)  # [B, T]
+
+
+class PredictionModel(nn.Module):
+    """What gets exported: the GNN plus the step to what a user wants, so nothing is
+    post-processed outside the model: a probability (classification) or the value in original
+    units (regression)."""
+
+    def __init__(self, network: MoleculeGNN, task: str, target_mean: Tensor, target_std: Tensor):
+        super().__init__()
+        self.network = network
+        self.task = task
+        self.register_buffer("target_mean", target_mean.clone())
+        self.register_buffer("target_std", target_std.clone())
+
+    def forward(
+        self, atom_features: Tensor, adjacency: Tensor, atom_mask: Tensor, descriptors: Tensor
+    ) -> Tensor:
+        raw = self.network(atom_features, adjacency, atom_mask, descriptors)  # [B, T]
+        if self.task == "classification":
+            return torch.sigmoid(raw)
+        return raw * self.target_std + self.target_mean

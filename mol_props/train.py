@@ -1,0 +1,464 @@
+"""Training: an explicit Lightning Fabric loop (train -> train_epoch -> validate), logged to MLflow.
+
+    mol_props train [OVERRIDES...]
+      data (DVC pull, else download_data) -> featurize (cached) -> split
+      -> epochs: train_epoch, validate, early stopping, best + last checkpoints (fabric.save)
+      -> best model on test -> models/best.ckpt, plots/<run>/, MLflow -> export (ONNX)
+
+Reproducibility: every epoch re-seeds torch and the shuffling generator with (seed + epoch), so a
+run resumed from `last.ckpt` (train.resume=true) sees exactly the batches and dropout masks of an
+uninterrupted run and ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.fabric import Fabric
+from torch.utils.data import DataLoader, Dataset
+
+from mol_props import plots
+from mol_props.config import Config, TrainConfig, to_flat_dict
+from mol_props.data import PreparedData, prepare_data
+from mol_props.featurize import Featurizer, MoleculeGraph, pad_graphs
+from mol_props.metrics import MONITORED, evaluate
+from mol_props.model import MoleculeGNN, PredictionModel
+from mol_props.tracking import RunLogger, git_state
+
+LOGGER = logging.getLogger(__name__)
+
+
+class MoleculeDataset(Dataset):
+    def __init__(self, graphs: list[MoleculeGraph], targets: np.ndarray) -> None:
+        self.graphs = graphs
+        self.targets = targets  # [M, T]
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+    def __getitem__(self, index: int) -> tuple[MoleculeGraph, np.ndarray]:
+        return self.graphs[index], self.targets[index]
+
+
+def collate(items: list[tuple[MoleculeGraph, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Pad a batch to its own largest molecule (cheaper than max_atoms on CPU; same result)."""
+    graphs = [graph for graph, _ in items]
+    batch = pad_graphs(
+        graphs,
+        num_atoms=max(graph.num_atoms for graph in graphs),
+        descriptor_size=graphs[0].descriptors.shape[0],
+        atom_feature_size=graphs[0].atom_features.shape[1],
+    )
+    tensors = {name: torch.from_numpy(array) for name, array in batch.as_inputs().items()}
+    tensors["targets"] = torch.from_numpy(np.stack([target for _, target in items]))  # [B, T]
+    return tensors
+
+
+@dataclass
+class Scaling:
+    """Target standardization (regression) kept with the model; identity for classification."""
+
+    mean: np.ndarray  # [T]
+    std: np.ndarray  # [T]
+
+    @classmethod
+    def fit(cls, targets: np.ndarray, task: str) -> Scaling:
+        if task == "classification":
+            return cls(np.zeros(targets.shape[1]), np.ones(targets.shape[1]))
+        return cls(np.nanmean(targets, axis=0), np.maximum(np.nanstd(targets, axis=0), 1e-6))
+
+
+def masked_loss(outputs: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Tensor:
+    """BCE-with-logits or MSE over the targets that are present (NaN = missing)."""
+    present = ~torch.isnan(targets)  # [B, T]
+    filled = torch.where(present, targets, torch.zeros_like(targets))
+    if task == "classification":
+        losses = torch.nn.functional.binary_cross_entropy_with_logits(
+            outputs, filled, reduction="none"
+        )
+    else:
+        losses = (outputs - filled) ** 2
+    return (losses * present).sum() / present.sum().clamp(min=1)
+
+
+def make_fabric(config: TrainConfig) -> Fabric:
+    if config.num_threads > 0:
+        torch.set_num_threads(config.num_threads)
+    return Fabric(
+        accelerator=config.accelerator,
+        devices=config.devices,
+        precision=config.precision,
+        strategy=config.strategy,
+    )
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    total_steps = max(config.max_epochs * steps_per_epoch, 1)
+    if config.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=config.learning_rate,
+            total_steps=total_steps,
+            pct_start=config.warmup_fraction,
+        )
+    if config.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    if config.scheduler == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    raise ValueError(f"unknown train.scheduler={config.scheduler!r}: onecycle | cosine | constant")
+
+
+def train_epoch(
+    fabric: Fabric,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loader: DataLoader,
+    config: TrainConfig,
+    task: str,
+    epoch: int,
+) -> float:
+    model.train()
+    total, count = 0.0, 0
+    for batch in loader:
+        outputs = model(
+            batch["atom_features"], batch["adjacency"], batch["atom_mask"], batch["descriptors"]
+        )  # [B, T]
+        loss = masked_loss(outputs, batch["targets"], task)
+        optimizer.zero_grad(set_to_none=True)
+        fabric.backward(loss)
+        fabric.clip_gradients(model, optimizer, max_norm=config.gradient_clip)
+        optimizer.step()
+        scheduler.step()
+        total += loss.item() * len(batch["targets"])
+        count += len(batch["targets"])
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module, loader: DataLoader, task: str, scaling: Scaling
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """(loss, predictions in user units [M, T], targets [M, T]) over a loader, in order."""
+    model.eval()
+    losses, outputs, targets = [], [], []
+    for batch in loader:
+        raw = model(
+            batch["atom_features"], batch["adjacency"], batch["atom_mask"], batch["descriptors"]
+        )  # [B, T]
+        losses.append(masked_loss(raw, batch["targets"], task).item() * len(raw))
+        outputs.append(raw.float().cpu().numpy())
+        targets.append(batch["targets"].cpu().numpy())
+    raw_all = np.concatenate(outputs)
+    if task == "classification":
+        values = 1.0 / (1.0 + np.exp(-raw_all))
+        target_values = np.concatenate(targets)
+    else:
+        values = raw_all * scaling.std + scaling.mean
+        target_values = np.concatenate(targets) * scaling.std + scaling.mean
+    return sum(losses) / max(len(raw_all), 1), values, target_values
+
+
+def validate(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    task: str,
+    scaling: Scaling,
+    target_names: list[str],
+) -> dict[str, float]:
+    loss, values, targets = predict(model, loader, task, scaling)
+    return {"loss": loss, **evaluate(targets, values, task, target_names)}
+
+
+def is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
+    if math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value > best if higher_is_better else value < best
+
+
+def _loader(
+    dataset: MoleculeDataset, batch_size: int, shuffle: bool, generator: torch.Generator | None
+) -> DataLoader:
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator
+    )
+
+
+def _run_directory(config: Config) -> tuple[str, Path]:
+    run_name = config.logging.run_name or (
+        f"{config.data.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    )
+    directory = Path(config.logging.plots_dir) / run_name
+    directory.mkdir(parents=True, exist_ok=True)
+    return run_name, directory
+
+
+def _attach_log_file(directory: Path) -> logging.Handler:
+    handler = logging.FileHandler(directory / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("mol_props").addHandler(handler)
+    return handler
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    test_metrics: dict[str, float]
+    val_metrics: dict[str, float]
+    run_directory: Path
+    epochs_run: int
+
+
+def run(config: Config) -> TrainResult:
+    """The `mol_props train` command."""
+    started = time.perf_counter()
+    settings = config.train
+    task = config.data.task
+    run_name, run_directory = _run_directory(config)
+    log_handler = _attach_log_file(run_directory)
+    try:
+        fabric = make_fabric(settings)
+        fabric.launch()
+        data = prepare_data(config.data, config.preprocess, progress=settings.progress)
+        _save_split(data, run_directory)
+        return _fit(config, fabric, data, run_name, run_directory, started)
+    finally:
+        logging.getLogger("mol_props").removeHandler(log_handler)
+        log_handler.close()
+
+
+def _save_split(data: PreparedData, directory: Path) -> None:
+    """The split used, one row per molecule, saved with the run (and logged to MLflow)."""
+    names = np.empty(len(data.graphs), dtype=object)
+    for name, indices in data.splits.items():
+        names[indices] = name
+    with (directory / "split.csv").open("w") as handle:
+        handle.write("row,smiles,split\n")
+        for row, smiles, name in zip(data.source_rows, data.smiles, names):
+            handle.write(f'{row},"{smiles}",{name}\n')
+
+
+def _fit(
+    config: Config,
+    fabric: Fabric,
+    data: PreparedData,
+    run_name: str,
+    run_directory: Path,
+    started: float,
+) -> TrainResult:
+    settings = config.train
+    task = config.data.task
+    metric, higher_is_better = MONITORED[task]
+    train_rows = data.splits["train"]
+    scaling = Scaling.fit(data.targets[train_rows], task)
+    scaled_targets = ((data.targets - scaling.mean) / scaling.std).astype(np.float32)
+
+    def subset(name: str) -> MoleculeDataset:
+        rows = data.splits[name]
+        return MoleculeDataset([data.graphs[i] for i in rows], scaled_targets[rows])
+
+    generator = torch.Generator()
+    train_loader = _loader(subset("train"), settings.batch_size, True, generator)
+    val_loader = _loader(subset("val"), settings.batch_size, False, None)
+    test_loader = (
+        _loader(subset("test"), settings.batch_size, False, None)
+        if len(data.splits["test"])
+        else None
+    )
+    featurizer = Featurizer(config.preprocess)
+    fabric.seed_everything(settings.seed)
+    network = MoleculeGNN(
+        featurizer.atom_feature_size,
+        featurizer.descriptor_size,
+        len(data.target_names),
+        config.model,
+    )
+    descriptors = np.stack([data.graphs[i].descriptors for i in train_rows])  # [M_train, D]
+    network.set_descriptor_scaling(
+        torch.from_numpy(descriptors.mean(axis=0)), torch.from_numpy(descriptors.std(axis=0))
+    )
+    optimizer = torch.optim.AdamW(
+        network.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
+    )
+    scheduler = make_scheduler(optimizer, settings, len(train_loader))
+    model, optimizer = fabric.setup(network, optimizer)
+    train_loader, val_loader = fabric.setup_dataloaders(train_loader, val_loader)
+    if test_loader is not None:
+        test_loader = fabric.setup_dataloaders(test_loader)
+
+    checkpoint_dir = Path(settings.checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    last_path, best_path = checkpoint_dir / "last.ckpt", checkpoint_dir / "best.ckpt"
+    state = {
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "epoch": 0,
+        "best_value": float("nan"),
+        "bad_epochs": 0,
+        "history": [],
+        "mlflow_run_id": "",
+    }
+    if settings.resume:
+        if not last_path.is_file():
+            raise FileNotFoundError(f"train.resume=true but {last_path} does not exist")
+        fabric.load(last_path, state)
+        LOGGER.info("resumed from %s at epoch %d", last_path, state["epoch"])
+
+    tracker = RunLogger(config.logging, run_name) if fabric.is_global_zero else None
+    if tracker is not None:
+        state["mlflow_run_id"] = tracker.run.info.run_id
+        commit, dirty = git_state()
+        tracker.log_params(to_flat_dict(config))
+        tracker.set_tags(
+            {
+                "mlflow.source.git.commit": commit,
+                "git_dirty": str(dirty).lower(),
+                "data_md5": data.data_md5,
+                "data_name": config.data.name,
+                "task": task,
+                "resumed": str(settings.resume).lower(),
+            }
+        )
+        tracker.log_artifact(run_directory / "split.csv")
+
+    from tqdm.auto import tqdm
+
+    epochs = tqdm(
+        range(state["epoch"], settings.max_epochs),
+        initial=state["epoch"],
+        total=settings.max_epochs,
+        desc="train",
+        unit="epoch",
+        disable=not (settings.progress and fabric.is_global_zero),
+    )
+    status = "FINISHED"
+    try:
+        for epoch in epochs:
+            # Same seeds for the same epoch whether or not the run was resumed.
+            torch.manual_seed(settings.seed + epoch)
+            generator.manual_seed(settings.seed + epoch)
+            sampler = getattr(train_loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            train_loss = train_epoch(
+                fabric, model, optimizer, scheduler, train_loader, settings, task, epoch
+            )
+            val_metrics = validate(model, val_loader, task, scaling, data.target_names)
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": train_loss,
+                **{f"val_{name}": value for name, value in val_metrics.items()},
+                "lr": scheduler.get_last_lr()[0],
+            }
+            state["history"].append(row)
+            if tracker is not None:
+                tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+            epochs.set_postfix(loss=f"{train_loss:.4f}", **{f"val_{metric}": f"{val_metrics[metric]:.4f}"})
+            state["epoch"] = epoch + 1
+            best = None if math.isnan(state["best_value"]) else state["best_value"]
+            if is_better(val_metrics[metric], best, higher_is_better):
+                state["best_value"] = val_metrics[metric]
+                state["bad_epochs"] = 0
+                fabric.save(best_path, {"model": model, "epoch": epoch + 1})
+            else:
+                state["bad_epochs"] += 1
+            fabric.save(last_path, state)
+            if state["bad_epochs"] >= settings.patience:
+                LOGGER.info("early stop: no better val %s for %d epochs", metric, settings.patience)
+                break
+    except BaseException:
+        status = "KILLED"
+        if tracker is not None:
+            tracker.finish(status)
+        raise
+    finally:
+        epochs.close()
+
+    # Evaluate the best epoch's weights, not the last ones.
+    fabric.load(best_path, {"model": model})
+    _, val_values, val_targets = predict(model, val_loader, task, scaling)
+    val_metrics = evaluate(val_targets, val_values, task, data.target_names)
+    test_metrics: dict[str, float] = {}
+    figure_paths = [plots.learning_curves(state["history"], metric, run_directory / "learning_curves.png")]
+    if test_loader is not None:
+        _, test_values, test_targets = predict(model, test_loader, task, scaling)
+        test_metrics = evaluate(test_targets, test_values, task, data.target_names)
+        figure_paths += _evaluation_figures(test_targets, test_values, task, data.target_names, run_directory)
+    checkpoint = _save_model(config, fabric, network, data, scaling, featurizer, val_metrics, test_metrics)
+    elapsed = time.perf_counter() - started
+    if tracker is not None:
+        tracker.log_metrics({f"best_val_{name}": value for name, value in val_metrics.items()})
+        tracker.log_metrics({f"test_{name}": value for name, value in test_metrics.items()})
+        tracker.log_metrics({"train_seconds": elapsed, "epochs_run": float(state["epoch"])})
+        for path in figure_paths:
+            tracker.log_artifact(path, "plots")
+        tracker.log_artifact(checkpoint, "model")
+        tracker.log_artifact(run_directory / "train.log")
+        tracker.finish(status)
+    return TrainResult(
+        checkpoint=checkpoint,
+        test_metrics=test_metrics,
+        val_metrics=val_metrics,
+        run_directory=run_directory,
+        epochs_run=state["epoch"],
+    )
+
+
+def _evaluation_figures(
+    targets: np.ndarray, values: np.ndarray, task: str, target_names: list[str], directory: Path
+) -> list[Path]:
+    paths = []
+    for k, name in enumerate(target_names):
+        present = ~np.isnan(targets[:, k])
+        target_dir = directory if len(target_names) == 1 else directory / f"target_{k}"
+        target_dir.mkdir(exist_ok=True)
+        draw = plots.classification_figures if task == "classification" else plots.regression_figures
+        paths += draw(targets[present, k], values[present, k], name, target_dir)
+    return paths
+
+
+def _save_model(
+    config: Config,
+    fabric: Fabric,
+    network: MoleculeGNN,
+    data: PreparedData,
+    scaling: Scaling,
+    featurizer: Featurizer,
+    val_metrics: dict[str, float],
+    test_metrics: dict[str, float],
+) -> Path:
+    """models/best.ckpt: weights plus everything export needs, as plain types."""
+    path = Path(config.export.checkpoint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "model": network.state_dict(),
+        "model_config": asdict(config.model),
+        "preprocess": asdict(config.preprocess),
+        "task": config.data.task,
+        "targets": data.target_names,
+        "atom_feature_size": featurizer.atom_feature_size,
+        "descriptor_size": featurizer.descriptor_size,
+        "target_mean": scaling.mean.tolist(),
+        "target_std": scaling.std.tolist(),
+        "val_metrics": val_metrics,
+        "test_metrics": test_metrics,
+        "data_md5": data.data_md5,
+    }
+    if fabric.is_global_zero:
+        temporary = path.with_suffix(".tmp")
+        torch.save(payload, temporary)
+        shutil.move(temporary, path)
+    return path
