@@ -1,17 +1,17 @@
-"""Load test of the Triton server: concurrent clients, 1- and 64-molecule requests, HTTP and gRPC.
+"""Load test of the Triton server: 8 concurrent clients, 1- and 64-molecule requests, HTTP + gRPC.
 
-    python benchmarks/triton_load.py                        # starts a server on triton_repo/
-    python benchmarks/triton_load.py serving.triton_repo=/tmp/repo --clients=8 --rounds=2
+    python benchmarks/triton_load.py                  # starts a server on triton_repo/, free ports
+    python benchmarks/triton_load.py serving.triton_repo=/tmp/repo --single_requests=50
     python benchmarks/triton_load.py --http=http://127.0.0.1:8000 --grpc=grpc://127.0.0.1:8001
 
 Prints, per protocol and request size: molecules/s, p50/p99 latency per request, molecules sent vs
-answered (they must be equal: a molecule that cannot be featurized is answered with its error), and
-the CPU seconds the server and this client process spent. Every loop is bounded: each client sends
-a fixed number of requests, each with a timeout. Loopback only.
+answered (they must be equal: a molecule that cannot be featurized is answered with its error),
+and how many cores the server and this client process kept busy. Every loop is bounded: each
+client sends a fixed number of requests, each with a timeout; everything stays on loopback.
 
-Targets on the 2-core CPU machine: >= 2,000 molecules/s with 64-molecule requests, p99 <= 50 ms with
-single-molecule requests. Clients run in this process (threads, one tritonclient each), so their
-CPU use is counted against the same cores; the printout shows how much.
+Targets on the 2-core CPU machine: >= 2,000 molecules/s with 64-molecule requests, p99 <= 50 ms
+with single-molecule requests. The clients run here (threads, one tritonclient each), on the same
+cores as the server; the printout shows what they cost.
 """
 
 from __future__ import annotations
@@ -210,7 +210,9 @@ def print_results(results: list[Result]) -> bool:
     ok = True
     for result in results:
         scenario = result.scenario
-        p50, p99 = np.percentile(result.latencies_ms, [50, 99]) if result.latencies_ms.size else (0, 0)
+        p50, p99 = (
+            np.percentile(result.latencies_ms, [50, 99]) if result.latencies_ms.size else (0, 0)
+        )
         print(
             f"{scenario.protocol:8} {scenario.molecules_per_request:7d} "
             f"{result.latencies_ms.size:8d} {result.sent:7d} {result.answered:8d} "
@@ -225,7 +227,9 @@ def print_results(results: list[Result]) -> bool:
         if scenario.molecules_per_request == 1:
             p99 = float(np.percentile(result.latencies_ms, 99)) if result.latencies_ms.size else 0
             verdict = "meets" if p99 <= TARGET_P99_MS else "MISSES"
-            print(f"{scenario.protocol} 1-molecule p99 {p99:.1f} ms {verdict} <= {TARGET_P99_MS} ms")
+            print(
+                f"{scenario.protocol} 1-molecule p99 {p99:.1f} ms {verdict} <= {TARGET_P99_MS} ms"
+            )
         else:
             rate = result.molecules_per_s
             verdict = "meets" if rate >= TARGET_MOLECULES_PER_S else "MISSES"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -93,14 +94,30 @@ def dvc_push(dvc_files: Sequence[Path], settings: DvcConfig) -> None:
 
 
 def pull_models(config: Config, needed: Sequence[Path]) -> None:
-    """Fetch the exported model from the DVC remote, or say which commands make one."""
+    """Fetch the exported model from the DVC remote, or say which commands make one.
+
+    A fresh clone of a repository whose `models.dvc` was committed (and pushed with `dvc push`)
+    can run `mol_props infer` without training. Progress goes to stderr: `--smiles` prints JSON
+    lines on stdout, and nothing else may land there."""
     models_dir = Path(config.train.models_dir)
     dvc_file = dvc_file_for(models_dir)
-    make_one = "make one with `uv run mol_props train` (it exports at the end) or `mol_props export`"
+    make_one = (
+        "make one with `uv run mol_props train` (it trains and exports), or "
+        f"`uv run mol_props export` if {models_dir / 'best.ckpt'} exists"
+    )
     missing = ", ".join(str(path) for path in needed if not Path(path).is_file())
     if not dvc_file.is_file():
-        raise ArtifactError(f"no model at {missing} and no {dvc_file} to pull it with DVC; {make_one}")
-    print(f"model: {missing} not here; pulling {dvc_file} from the DVC remote ...", flush=True)
+        raise ArtifactError(
+            f"no model at {missing} and no {dvc_file} to pull it with DVC; {make_one}"
+        )
+    if not config.data.dvc.enabled:
+        raise ArtifactError(
+            f"no model at {missing}; {dvc_file} exists but DVC is off (data.dvc.enabled=false): "
+            f"run `dvc pull {dvc_file}`, or {make_one}"
+        )
+    print(
+        f"model: {missing} not here; pulling {dvc_file} from the DVC remote ...", file=sys.stderr
+    )
     try:
         dvc_pull([dvc_file], config.data.dvc)
     except ImportError as error:
@@ -109,8 +126,10 @@ def pull_models(config: Config, needed: Sequence[Path]) -> None:
             f"or {make_one}"
         ) from error
     except Exception as error:  # dvc raises many types; all mean "could not pull"
-        raise ArtifactError(f"no model at {missing} and DVC could not pull it ({error}); {make_one}")
+        raise ArtifactError(
+            f"no model at {missing} and DVC could not pull {dvc_file} ({error}); {make_one}"
+        ) from error
     still_missing = [str(path) for path in needed if not Path(path).is_file()]
     if still_missing:
         raise ArtifactError(f"DVC pulled {dvc_file} but {', '.join(still_missing)} is missing")
-    print(f"model: pulled {models_dir} from the DVC remote", flush=True)
+    print(f"model: pulled {models_dir} from the DVC remote", file=sys.stderr)

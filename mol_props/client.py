@@ -62,8 +62,9 @@ class _HttpTransport:
     def submit(self, model_name: str, inputs: list, outputs: list) -> Callable[[], Any]:
         return self.client.async_infer(model_name, inputs, outputs=outputs).get_result
 
-    def output(self, name: str, binary: bool) -> Any:
-        return self.module.InferRequestedOutput(name, binary_data=binary)
+    def output(self, name: str) -> Any:
+        # Binary tensors: no JSON round trip of floats, and the exact float32 bits come back.
+        return self.module.InferRequestedOutput(name, binary_data=True)
 
     def close(self) -> None:
         self.client.close()
@@ -80,9 +81,9 @@ class _GrpcTransport:
         self.client = module.InferenceServerClient(address)
 
     def model_config(self, model_name: str) -> dict:
-        return self.client.get_model_config(
-            model_name, as_json=True, client_timeout=self.timeout
-        )["config"]
+        return self.client.get_model_config(model_name, as_json=True, client_timeout=self.timeout)[
+            "config"
+        ]
 
     def submit(self, model_name: str, inputs: list, outputs: list) -> Callable[[], Any]:
         future: Future = Future()
@@ -98,7 +99,7 @@ class _GrpcTransport:
         )
         return future.result
 
-    def output(self, name: str, binary: bool) -> Any:
+    def output(self, name: str) -> Any:
         return self.module.InferRequestedOutput(name)
 
     def close(self) -> None:
@@ -126,7 +127,7 @@ class TritonPredictor:
         self.targets = _targets(model_config, self.model_name)
         # The server refuses a request larger than its max_batch_size.
         self.batch_size = max(1, min(config.infer.batch_size, model_config["max_batch_size"]))
-        self.outputs = [self.transport.output(name, binary=True) for name in OUTPUT_NAMES]
+        self.outputs = [self.transport.output(name) for name in OUTPUT_NAMES]
 
     def predict(self, smiles: Sequence[str]) -> Predictions:
         """One row per input: [B, T] float32 (NaN where the server reports an error)."""
@@ -140,11 +141,18 @@ class TritonPredictor:
                 for start in starts[window : window + self.in_flight]
             ]
             for start, result in pending:
-                self._unpack(self._call("infer", result), start, values, errors)
+                size = min(self.batch_size, len(smiles) - start)
+                self._unpack(self._call("infer", result), start, size, values, errors)
         return Predictions(values=values, errors=errors)
 
     def close(self) -> None:
         self.transport.close()
+
+    def __enter__(self) -> TritonPredictor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def _submit(self, smiles: Sequence[str]) -> Callable[[], Any]:
         encoded = np.array([[_encode(text)] for text in smiles], dtype=np.object_)  # [b, 1]
@@ -156,12 +164,14 @@ class TritonPredictor:
         )
 
     def _unpack(
-        self, result: Any, start: int, values: np.ndarray, errors: list[str | None]
+        self, result: Any, start: int, size: int, values: np.ndarray, errors: list[str | None]
     ) -> None:
         prediction = result.as_numpy("prediction")  # [b, T] float32
         valid = result.as_numpy("valid").reshape(-1)  # [b]
         messages = result.as_numpy("error").reshape(-1)  # [b] bytes
-        rows = np.arange(start, start + len(valid))
+        if not (len(prediction) == len(valid) == len(messages) == size):
+            raise InferenceError(f"Triton at {self.url} answered {len(valid)} of {size} rows")
+        rows = np.arange(start, start + size)
         values[rows[valid]] = prediction[valid]
         for row, ok, message in zip(rows, valid, messages):
             if not ok:
@@ -181,7 +191,8 @@ class TritonPredictor:
             ) from error
         except OSError as error:
             raise InferenceError(
-                f"no Triton server answers at {self.url} ({error}); start one with `mol_props serve`"
+                f"no Triton server answers at {self.url} ({error}); "
+                "start one with `mol_props serve`"
             ) from error
 
 

@@ -2,7 +2,7 @@
 
     mol_props train [OVERRIDES...]          e.g. mol_props train model.hidden_dim=256
     mol_props export [OVERRIDES...]
-    mol_props infer --smiles "CCO" [--smiles "c1ccccc1"] [OVERRIDES...]
+    mol_props infer --smiles "CCO" [OVERRIDES...]   several: --smiles "CCO,c1ccccc1"
     mol_props infer --input mols.csv --output preds.csv [--server http://127.0.0.1:8000]
     mol_props serve [OVERRIDES...]
     mol_props download_data
@@ -26,12 +26,24 @@ def _setup(overrides: tuple[str, ...]) -> Config:
     return compose_config([str(override) for override in overrides])
 
 
-def _as_list(value: str | list | tuple | None) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return [str(item) for item in value]
-    return [str(value)]
+def _check_infer_arguments(overrides: tuple[str, ...]) -> None:
+    """Catch the two ways of asking for several molecules that fire would silently mangle."""
+    from mol_props.infer import InferenceError
+
+    flags = [
+        arg for arg in sys.argv[1:] if arg in ("--smiles", "-s") or arg.startswith("--smiles=")
+    ]
+    if len(flags) > 1:
+        # fire keeps only the last of repeated flags: the other molecules would vanish.
+        raise InferenceError(
+            "--smiles given more than once; give several molecules as --smiles 'CCO,c1ccccc1'"
+        )
+    for override in overrides:
+        if "=" not in str(override) and not str(override).startswith("~"):
+            raise InferenceError(
+                f"{override!r} is not a config override (KEY=VALUE); "
+                "give several molecules as --smiles 'CCO,c1ccccc1'"
+            )
 
 
 class Commands:
@@ -68,6 +80,7 @@ class Commands:
         result = export.run(config)
         print(f"done: {result.onnx_path}, {result.dynamic_onnx_path}, {result.metadata_path}")
 
+    @fire.decorators.SetParseFn(str, "smiles", "input", "output", "server")
     def infer(
         self,
         *overrides: str,
@@ -76,15 +89,29 @@ class Commands:
         output: str | None = None,
         server: str | None = None,
     ) -> None:
-        """Predict for --smiles (JSON lines) or --input FILE --output FILE.csv; --server URL
-        sends them to a Triton server instead of running the model here."""
-        config = _setup(overrides)
+        """Predict with the exported model (pulled with DVC if it is not here).
+
+        --smiles CCO                 one JSON object per molecule per line on stdout
+        --smiles "CCO,c1ccccc1"      several (a SMILES never holds a comma), or
+        --smiles '["CCO","c1ccccc1"]'
+        --input F.csv --output G.csv every row of F (.csv/.tsv with a SMILES column, .smi/.txt)
+                                     with one column per target and `error`
+        --server http://HOST:8000    send the molecules to a Triton server instead
+
+        Exit status: 0 when something was predicted (a file run always, with a summary on
+        stderr), 1 when every --smiles molecule failed, 2 for a request that cannot run."""
+        # SetParseFn(str): fire would otherwise evaluate values as Python literals, turning
+        # "[H]" into ['H'], "1" into an int and "C#N" into "C" ('#' starts a comment).
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
         from mol_props import infer
 
         try:
+            _check_infer_arguments(overrides)
+            # Cached on disk by the content of configs/: composing costs half a cold start.
+            config = infer.compose_config_cached(overrides)
             code = infer.run(
                 config,
-                smiles=_as_list(smiles),
+                smiles=infer.parse_smiles_argument(smiles),
                 input_path=Path(input) if input else None,
                 output_path=Path(output) if output else None,
                 server=server,
@@ -92,6 +119,9 @@ class Commands:
         except (infer.InferenceError, RuntimeError, OSError) as error:
             print(f"error: {error}", file=sys.stderr)
             raise SystemExit(2)
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr)
+            raise SystemExit(130)
         if code:
             raise SystemExit(code)
 

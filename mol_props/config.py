@@ -1,8 +1,8 @@
 """Typed configuration: one dataclass per Hydra group, filled from `configs/` by `compose_config`.
 
 The YAML files under `configs/` hold every value; these dataclasses hold none of their own beyond
-what the schema needs (types and structure). Merging the composed YAML into this schema makes a typo
-in an override (`model.hiden_dim=3`) or a wrong type an error instead of a silently ignored key.
+what the schema needs (types and structure). Merging the composed YAML into this schema makes
+a typo in an override (`model.hiden_dim=3`) or a wrong type an error, not a silently ignored key.
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import MISSING, OmegaConf
+# omegaconf.MISSING, spelled out so that importing this schema does not import OmegaConf (a tenth
+# of a cold `mol_props infer`, which reads a cached config); tests/test_infer.py checks they agree.
+MISSING = "???"
 
 CONFIG_NAME = "config"
 
@@ -127,6 +129,7 @@ class ExportConfig:
     dynamic_onnx_path: str = MISSING  # atom axis left dynamic: local ONNX Runtime buckets
     metadata_path: str = MISSING
     opset: int = MISSING
+    exporter: str = MISSING  # torchscript | dynamo (needs onnxscript)
     parity_tolerance: float = MISSING
     parity_molecules: int = MISSING
     triton_model_name: str = MISSING
@@ -141,6 +144,7 @@ class InferConfig:
     chunk_size: int = MISSING  # rows read, featurized and written at a time
     atom_buckets: list[int] = MISSING  # pad each molecule to the smallest bucket that fits
     num_threads: int = MISSING  # ONNX Runtime intra-op threads; 0 = its default
+    num_workers: int = MISSING  # processes for --input files; 0 = all cores, 1 = none
     smiles_column: str = MISSING
     progress: bool = MISSING
     server_model_name: str = MISSING
@@ -188,8 +192,9 @@ def config_dir() -> Path:
 
 
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Compose `configs/` with Hydra overrides (e.g. `model.hidden_dim=256`) into a typed Config."""
+    """Compose `configs/` with Hydra overrides (`model.hidden_dim=256`) into a typed Config."""
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         composed = compose(config_name=CONFIG_NAME, overrides=list(overrides))
@@ -199,6 +204,8 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
 
 def to_flat_dict(config: Config) -> dict[str, str]:
     """`{"model.hidden_dim": "256", ...}`: the resolved config as MLflow params."""
+    from omegaconf import OmegaConf
+
     flat: dict[str, str] = {}
 
     def visit(prefix: str, node: object) -> None:

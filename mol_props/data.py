@@ -69,9 +69,10 @@ def _download_from_github(name: str, destination: Path, timeout_s: float = 10.0)
     partial = destination.with_suffix(destination.suffix + ".part")
     with urllib.request.urlopen(B3DB_GITHUB + name, timeout=timeout_s) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
-        with partial.open("wb") as handle, tqdm(
-            total=total, unit="B", unit_scale=True, desc=f"download {name}"
-        ) as bar:
+        with (
+            partial.open("wb") as handle,
+            tqdm(total=total, unit="B", unit_scale=True, desc=f"download {name}") as bar,
+        ):
             for block in iter(lambda: response.read(1 << 16), b""):
                 handle.write(block)
                 bar.update(len(block))
@@ -235,19 +236,28 @@ class FeaturizedTable:
     errors: dict[int, str]  # table row -> reason, for those that did not featurize
 
 
-def cache_key(data_md5: str, config: PreprocessConfig) -> str:
+def cache_key(data_md5: str, config: PreprocessConfig, smiles_digest: str = "") -> str:
+    """Names a featurization: the data, the featurizer version and every setting that shapes
+    features; `smiles_digest` pins the exact rows, which depend on data settings too."""
     settings = asdict(config)
     for runtime_only in ("num_workers", "chunk_size", "cache_dir"):
         settings.pop(runtime_only)
-    payload = json.dumps([data_md5, FEATURIZER_VERSION, settings], sort_keys=True)
+    payload = json.dumps([data_md5, smiles_digest, FEATURIZER_VERSION, settings], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def smiles_digest(smiles: Sequence[str]) -> str:
+    # Rows kept from one file change with data.smiles_column and data.target_columns (a row
+    # without any target is dropped), so the file's md5 alone could hand back another row set.
+    return hashlib.sha256("\n".join(smiles).encode()).hexdigest()
 
 
 def featurize_table(
     table: MoleculeTable, config: PreprocessConfig, data_md5: str, progress: bool = True
 ) -> FeaturizedTable:
     """Featurize every molecule once; later runs with the same data and settings load the cache."""
-    cache_path = Path(config.cache_dir) / f"features-{cache_key(data_md5, config)}.npz"
+    key = cache_key(data_md5, config, smiles_digest(table.smiles))
+    cache_path = Path(config.cache_dir) / f"features-{key}.npz"
     if cache_path.is_file():
         LOGGER.info("featurize: loaded cache %s", cache_path)
         return _load_cache(cache_path)
@@ -265,11 +275,21 @@ def featurize_table(
         dtype=np.int64,
     )
     errors = {
-        i: result.reason for i, result in enumerate(results) if isinstance(result, FeaturizationError)
+        i: result.reason
+        for i, result in enumerate(results)
+        if isinstance(result, FeaturizationError)
     }
     if errors:
-        examples = "; ".join(f"{table.smiles[i]!r}: {reason}" for i, reason in list(errors.items())[:3])
+        examples = "; ".join(
+            f"{table.smiles[i]!r}: {reason}" for i, reason in list(errors.items())[:3]
+        )
         LOGGER.warning("featurize: skipped %d unusable molecules (e.g. %s)", len(errors), examples)
+    if not graphs:
+        raise ValueError(
+            f"none of the {len(table.smiles)} molecules could be featurized"
+            + (f" (e.g. {examples})" if errors else "")
+            + "; check data.path and data.smiles_column"
+        )
     featurized = FeaturizedTable(graphs=graphs, rows=rows, errors=errors)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     _save_cache(cache_path, featurized)
@@ -341,10 +361,13 @@ def merge_duplicates(
             merged_values = values[0]
         else:
             merged += len(positions) - 1
-            with np.errstate(all="ignore"):
-                merged_values = np.nanmean(values, axis=0)  # all-NaN columns stay NaN
+            # Mean over the copies that have a value; a target no copy has stays NaN. (nanmean,
+            # nanmax and nanmin would warn on such all-NaN columns; fmax/fmin skip NaN quietly.)
+            present = (~np.isnan(values)).sum(axis=0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                merged_values = np.nansum(values, axis=0) / present
             if task == "classification":
-                disagree = np.nanmax(values, axis=0) != np.nanmin(values, axis=0)
+                disagree = np.fmax.reduce(values, axis=0) != np.fmin.reduce(values, axis=0)
                 conflicts += int(np.any(disagree))
                 merged_values = np.where(disagree, np.nan, merged_values)
         if np.isnan(merged_values).all():
@@ -412,8 +435,11 @@ def split_indices(
     config: SplitConfig, scaffolds: Sequence[str], column_labels: Sequence[str] | None
 ) -> dict[str, np.ndarray]:
     """{"train": idx, "val": idx, "test": idx} over the deduplicated molecules."""
-    if abs(sum(config.fractions) - 1.0) > 1e-6 or len(config.fractions) != 3:
-        raise ValueError(f"data.split.fractions must be 3 numbers summing to 1: {config.fractions}")
+    fractions = list(config.fractions)
+    if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
+        raise ValueError(
+            f"data.split.fractions must be 3 numbers summing to 1: {config.fractions}"
+        )
     if config.kind == "scaffold":
         assignment = scaffold_split(scaffolds, config.fractions, config.seed)
     elif config.kind == "random":

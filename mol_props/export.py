@@ -10,6 +10,7 @@ original units), so no step after it needs to know about scaling.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ LOGGER = logging.getLogger(__name__)
 
 INPUT_NAMES = ["atom_features", "adjacency", "atom_mask", "descriptors"]
 OUTPUT_NAME = "prediction"
+EXPORTERS = ("torchscript", "dynamo")
+PARITY_SMALL_BATCH = 3  # molecules in the second parity batch (any size but the traced one)
 
 
 class ExportError(RuntimeError):
@@ -68,8 +71,19 @@ def export_onnx(
     path: Path,
     opset: int,
     dynamic_atoms: bool,
+    exporter: str = "torchscript",
 ) -> None:
-    """TorchScript-based ONNX export with a dynamic batch (and optionally atom) axis."""
+    """ONNX export with a dynamic batch (and optionally atom) axis.
+
+    `exporter`: "torchscript" (torch.jit tracing; the default, needs nothing beyond torch) or
+    "dynamo" (torch.export; needs the onnxscript package)."""
+    if exporter not in EXPORTERS:
+        raise ExportError(f"export.exporter={exporter!r}: use one of {', '.join(EXPORTERS)}")
+    if exporter == "dynamo" and importlib.util.find_spec("onnxscript") is None:
+        raise ExportError(
+            "export.exporter=dynamo needs the onnxscript package; "
+            "use export.exporter=torchscript or install onnxscript"
+        )
     batch_axes = {name: {0: "batch"} for name in INPUT_NAMES}
     batch_axes[OUTPUT_NAME] = {0: "batch"}
     if dynamic_atoms:
@@ -86,8 +100,31 @@ def export_onnx(
             output_names=[OUTPUT_NAME],
             dynamic_axes=batch_axes,
             opset_version=opset,
-            dynamo=False,
+            dynamo=exporter == "dynamo",
         )
+
+
+def onnx_input_shapes(path: Path) -> dict[str, list[int | str]]:
+    """Input name -> shape of an ONNX model: an int per fixed dim, the symbol of a dynamic one."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {
+        value.name: [
+            dim.dim_value if dim.HasField("dim_value") else dim.dim_param
+            for dim in value.type.tensor_type.shape.dim
+        ]
+        for value in graph.input
+    }
+
+
+def check_fixed_shapes(path: Path, inputs: dict[str, np.ndarray]) -> None:
+    """The Triton / TensorRT contract: dynamic batch, every other dim fixed as in `inputs`."""
+    shapes = onnx_input_shapes(path)
+    for name in INPUT_NAMES:
+        expected = ["batch", *inputs[name].shape[1:]]
+        if shapes.get(name) != expected:
+            raise ExportError(f"{path}: input {name} has shape {shapes.get(name)}, not {expected}")
 
 
 def check_parity(
@@ -144,22 +181,30 @@ def run(config: Config, validation_graphs: list[MoleculeGraph] | None = None) ->
     max_atoms = preprocess.max_atoms
     fixed_path, dynamic_path = Path(settings.onnx_path), Path(settings.dynamic_onnx_path)
 
+    tolerance = settings.parity_tolerance
     fixed_inputs = example_inputs(graphs, max_atoms, featurizer)
-    export_onnx(model, fixed_inputs, fixed_path, settings.opset, dynamic_atoms=False)
-    difference = check_parity(model, fixed_path, fixed_inputs, settings.parity_tolerance)
+    # Another batch size than the traced one: proves the batch axis really is dynamic.
+    few_inputs = {name: array[:PARITY_SMALL_BATCH] for name, array in fixed_inputs.items()}
+    export_onnx(model, fixed_inputs, fixed_path, settings.opset, False, settings.exporter)
+    check_fixed_shapes(fixed_path, fixed_inputs)
+    differences = [
+        check_parity(model, fixed_path, fixed_inputs, tolerance),
+        check_parity(model, fixed_path, few_inputs, tolerance),
+    ]
 
     # The dynamic model is checked at a small padding, against PyTorch at the same padding.
     small_atoms = max(graph.num_atoms for graph in graphs)
     small_inputs = example_inputs(graphs, small_atoms, featurizer)
-    export_onnx(model, small_inputs, dynamic_path, settings.opset, dynamic_atoms=True)
-    difference = max(
-        difference,
-        check_parity(model, dynamic_path, small_inputs, settings.parity_tolerance),
-        check_parity(model, dynamic_path, fixed_inputs, settings.parity_tolerance),
-    )
+    export_onnx(model, small_inputs, dynamic_path, settings.opset, True, settings.exporter)
+    differences += [
+        check_parity(model, dynamic_path, small_inputs, tolerance),
+        check_parity(model, dynamic_path, fixed_inputs, tolerance),
+        check_parity(model, dynamic_path, few_inputs, tolerance),
+    ]
+    difference = max(differences)
     print(
         f"export: parity ONNX Runtime vs PyTorch on {len(graphs)} validation molecules: "
-        f"max |diff| = {difference:.2e} (tolerance {settings.parity_tolerance:.0e})"
+        f"max |diff| = {difference:.2e} (tolerance {tolerance:.0e})"
     )
     metadata = ModelMetadata(
         task=payload["task"],

@@ -3,8 +3,8 @@
 This is the one featurizer of the project: training, `mol_props infer` and Triton's featurizer step
 all call it, so a molecule is never featurized two ways. It must never import torch.
 
-A molecule becomes a compact `MoleculeGraph` (only its own atoms); `pad_graphs` turns a list of them
-into the fixed-shape tensors the model takes:
+A molecule becomes a compact `MoleculeGraph` (only its own atoms); `pad_graphs` turns a list of
+them into the fixed-shape tensors the model takes:
 
     atom_features [B, N, F] float32   one-hot groups (each with an "unknown" slot) + scalars
     adjacency     [B, N, N] float32   bond order on both (i, j) and (j, i); aromatic = 1.5
@@ -12,13 +12,14 @@ into the fixed-shape tensors the model takes:
     descriptors   [B, D]    float32   fast RDKit molecule descriptors (and optional Morgan counts)
 
 Bonds reach the model as a bond-order-weighted adjacency rather than one adjacency channel per bond
-type: it keeps the model's input one [N, N] matrix (a single MatMul per layer in ONNX/TensorRT) while
+type: it keeps the model's input one [N, N] matrix (one MatMul per layer in ONNX/TensorRT) while
 still telling a double bond from a single one; aromatic bonds sit in between at 1.5.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -53,8 +54,13 @@ DESCRIPTOR_FUNCTIONS: dict[str, Callable[[Chem.Mol], float]] = {
     "NumRotatableBonds": rdMolDescriptors.CalcNumRotatableBonds,
 }
 
-HYBRIDIZATIONS = {str(value): int(value) for value in Chem.rdchem.HybridizationType.values.values()}
+HYBRIDIZATIONS = {
+    str(value): int(value) for value in Chem.rdchem.HybridizationType.values.values()
+}
 CHIRAL_TAGS = {str(value): int(value) for value in Chem.rdchem.ChiralType.values.values()}
+_UNSPECIFIED_CHIRALITY = Chem.rdchem.ChiralType.CHI_UNSPECIFIED
+# An isotope can only be written at the start of a bracket atom: "[13C]", "[2H]".
+_ISOTOPE = re.compile(r"\[\d")
 
 
 class FeaturizationError(ValueError):
@@ -120,6 +126,9 @@ class Featurizer:
     _MAX_DEGREE = 16
     _CHARGE_SHIFT = 8  # formal charges -8..+8
     _MAX_HYDROGENS = 16
+    # Distinct atom keys kept with their feature rows: B3DB has a few hundred; the bound only
+    # keeps memory flat for adversarial input.
+    _MAX_CACHED_ROWS = 100_000
 
     def __init__(self, config: PreprocessConfig) -> None:
         self.config = config
@@ -157,6 +166,8 @@ class Featurizer:
             else None
         )
         self.descriptor_size = len(self._descriptor_functions) + config.fingerprint.size
+        self._periodic_table = Chem.GetPeriodicTable()
+        self._rows: dict[tuple, np.ndarray] = {}
 
     def __len__(self) -> int:
         return self.atom_feature_size
@@ -164,9 +175,18 @@ class Featurizer:
     def __call__(self, smiles: str, with_keys: bool = False) -> MoleculeGraph:
         """Featurize one SMILES; `with_keys` adds canonical SMILES and Bemis-Murcko scaffold."""
         molecule = self.parse(smiles)
+        adjacency, degrees = self._adjacency_and_degrees(molecule)
+        atom_features = self._atom_features(
+            molecule,
+            degrees,
+            # Only a bracket atom written with "@" gets a chiral tag, and only "[13C]"-style
+            # bracket atoms carry an isotope: without them those per-atom reads are skipped.
+            stereo="@" in smiles,
+            isotopes=_ISOTOPE.search(smiles) is not None,
+        )
         graph = MoleculeGraph(
-            atom_features=self.atom_features(molecule),
-            adjacency=Chem.GetAdjacencyMatrix(molecule, useBO=True).astype(np.float32),
+            atom_features=atom_features,
+            adjacency=adjacency,
             descriptors=self.molecule_descriptors(molecule),
         )
         if with_keys:
@@ -181,11 +201,11 @@ class Featurizer:
         text = smiles.strip()
         if not text:
             raise FeaturizationError(smiles, "empty SMILES")
-        if any(character.isspace() for character in text):
+        words = text.split()
+        if len(words) > 1:
             # RDKit reads "CC O" as ethane named "O": everything after a space is a name.
-            kept = text.split()[0]
             raise FeaturizationError(
-                smiles, f"SMILES contains whitespace; RDKit would silently read only {kept!r}"
+                smiles, f"SMILES contains whitespace; RDKit would silently read only {words[0]!r}"
             )
         molecule = Chem.MolFromSmiles(text)
         if molecule is None:
@@ -222,37 +242,74 @@ class Featurizer:
 
     def atom_features(self, molecule: Chem.Mol) -> np.ndarray:
         """[n, F] float32: one-hot groups with unknown slots, then aromatic, ring, mass/100."""
-        properties = np.array(
-            [
-                (
-                    atom.GetAtomicNum(),
-                    atom.GetDegree(),
-                    atom.GetFormalCharge(),
-                    int(atom.GetHybridization()),
-                    atom.GetTotalNumHs(),
-                    int(atom.GetChiralTag()),
-                    atom.GetIsAromatic(),
-                    atom.IsInRing(),
-                    atom.GetMass(),
-                )
-                for atom in molecule.GetAtoms()
-            ],
-            dtype=np.float64,
-        )  # [n, 9]
-        num_atoms = properties.shape[0]
-        integer = properties[:, :6].astype(np.int64)
-        integer[:, 0] = np.clip(integer[:, 0], 0, self._MAX_ATOMIC_NUMBER - 1)
-        integer[:, 1] = np.clip(integer[:, 1], 0, self._MAX_DEGREE)
-        integer[:, 2] = np.clip(integer[:, 2] + self._CHARGE_SHIFT, 0, 2 * self._CHARGE_SHIFT)
-        integer[:, 4] = np.clip(integer[:, 4], 0, self._MAX_HYDROGENS)
-        features = np.zeros((num_atoms, self.atom_feature_size), dtype=np.float32)
-        rows = np.arange(num_atoms)
-        for column, table in enumerate(self._groups):
-            features[rows, self._group_offsets[column] + table[integer[:, column]]] = 1.0
-        features[:, -3] = properties[:, 6]
-        features[:, -2] = properties[:, 7]
-        features[:, -1] = properties[:, 8] / 100.0
-        return features
+        degrees = [atom.GetDegree() for atom in molecule.GetAtoms()]
+        return self._atom_features(molecule, degrees, stereo=True, isotopes=True)
+
+    def _adjacency_and_degrees(self, molecule: Chem.Mol) -> tuple[np.ndarray, list[int]]:
+        """[n, n] float32 symmetric bond-order adjacency, and each atom's degree."""
+        adjacency = Chem.GetAdjacencyMatrix(molecule, useBO=True).astype(np.float32)
+        degrees = np.count_nonzero(adjacency, axis=1)
+        if int(degrees.sum()) == 2 * molecule.GetNumBonds():
+            # Every bond filled both of its cells: the row counts are the degrees, read here in
+            # one numpy call instead of one RDKit call per atom.
+            return adjacency, degrees.tolist()
+        # RDKit fills only the (donor, acceptor) cell of a dative bond ("N->[Fe]") and neither
+        # cell of a zero-order bond: mirror the matrix so messages flow both ways, and ask each
+        # atom for its degree, which counts every bond.
+        adjacency = np.maximum(adjacency, adjacency.T)
+        return adjacency, [atom.GetDegree() for atom in molecule.GetAtoms()]
+
+    def _atom_features(
+        self, molecule: Chem.Mol, degrees: Sequence[int], stereo: bool, isotopes: bool
+    ) -> np.ndarray:
+        """Atom features from per-atom keys; `stereo`/`isotopes` False skip reading those."""
+        # Each RDKit call costs about as much as the numpy work of a whole row, so an atom is read
+        # once into a hashable key, and the few hundred distinct keys of a dataset map to
+        # precomputed rows. None in the mass slot: no isotope, the element's standard weight.
+        keys = [
+            (
+                atom.GetAtomicNum(),
+                degree,
+                atom.GetFormalCharge(),
+                atom.GetHybridization(),
+                atom.GetTotalNumHs(),
+                atom.GetChiralTag() if stereo else _UNSPECIFIED_CHIRALITY,
+                atom.GetIsAromatic(),
+                atom.IsInRing(),
+                atom.GetMass() if isotopes else None,
+            )
+            for atom, degree in zip(map(molecule.GetAtomWithIdx, range(len(degrees))), degrees)
+        ]
+        try:
+            return np.stack([self._rows[key] for key in keys])
+        except KeyError:
+            return np.stack([self._row(key) for key in keys])
+
+    def _row(self, key: tuple) -> np.ndarray:
+        """The feature row of one atom key (see `_atom_features`); cached up to a bound."""
+        row = self._rows.get(key)
+        if row is not None:
+            return row
+        atomic_number, degree, charge, hybridization, hydrogens, chirality, *flags = key
+        aromatic, in_ring, mass = flags
+        slots = (
+            min(max(atomic_number, 0), self._MAX_ATOMIC_NUMBER - 1),
+            min(max(degree, 0), self._MAX_DEGREE),
+            min(max(charge + self._CHARGE_SHIFT, 0), 2 * self._CHARGE_SHIFT),
+            int(hybridization),
+            min(max(hydrogens, 0), self._MAX_HYDROGENS),
+            int(chirality),
+        )
+        row = np.zeros(self.atom_feature_size, dtype=np.float32)
+        for offset, table, value in zip(self._group_offsets, self._groups, slots):
+            row[offset + table[value]] = 1.0
+        if mass is None:
+            mass = self._periodic_table.GetAtomicWeight(atomic_number)
+        row[-3:] = (float(aromatic), float(in_ring), mass / 100.0)
+        row.flags.writeable = False  # shared by every atom with this key
+        if len(self._rows) < self._MAX_CACHED_ROWS:
+            self._rows[key] = row
+        return row
 
     def molecule_descriptors(self, molecule: Chem.Mol) -> np.ndarray:
         """[D] float32: the configured descriptors, then Morgan counts if enabled."""
@@ -335,7 +392,9 @@ def featurize_parallel(
     from tqdm.auto import tqdm
 
     workers = num_workers or multiprocessing.cpu_count()
-    chunks = [list(smiles[start : start + chunk_size]) for start in range(0, len(smiles), chunk_size)]
+    chunks = [
+        list(smiles[start : start + chunk_size]) for start in range(0, len(smiles), chunk_size)
+    ]
     bar = tqdm(total=len(smiles), desc=description, unit="mol", disable=not progress)
     results: list[MoleculeGraph | FeaturizationError] = []
     if workers <= 1 or len(chunks) <= 1:

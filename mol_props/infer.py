@@ -3,22 +3,33 @@
 Imports stay light on purpose (numpy, rdkit, onnxruntime; tritonclient only in server mode): a cold
 `mol_props infer --smiles CCO` must answer in well under a second, and torch alone takes seconds to
 import. tests/test_infer.py runs it in a subprocess and checks torch was never imported.
+
+    --smiles CCO               one JSON object per molecule on stdout (several: "CCO,c1ccccc1")
+    --input F.csv --output G   every input row, in order, with one column per target + `error`;
+                               streamed in chunks over worker processes, so memory stays bounded
 """
 
 from __future__ import annotations
 
+import collections
 import csv
+import dataclasses
+import hashlib
+import itertools
 import json
 import math
+import multiprocessing
+import os
 import sys
-from collections.abc import Iterator, Sequence
+import typing
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from mol_props.config import Config, InferConfig, PreprocessConfig
+from mol_props.config import Config, InferConfig, PreprocessConfig, compose_config, config_dir
 from mol_props.featurize import (
     FEATURIZER_VERSION,
     FeaturizationError,
@@ -28,6 +39,14 @@ from mol_props.featurize import (
 )
 
 SMILES_FILE_SUFFIXES = {".smi", ".txt"}
+TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+# Chunks queued per worker process: enough to keep each busy while the main process writes, few
+# enough that memory does not grow with the file.
+CHUNKS_IN_FLIGHT_PER_WORKER = 2
+# Starting workers (fork, a model session and a featurizer each) costs ~0.3 s of CPU apiece: an
+# input shorter than this many chunks is done sooner in the main process.
+MIN_CHUNKS_FOR_WORKERS = 4
+CONFIG_CACHE_ENTRIES = 64  # composed configs kept on disk (one per distinct set of overrides)
 
 
 class InferenceError(RuntimeError):
@@ -48,16 +67,23 @@ class ModelMetadata:
 
     @classmethod
     def load(cls, path: Path) -> ModelMetadata:
-        return cls(**json.loads(Path(path).read_text()))
+        try:
+            return cls(**json.loads(Path(path).read_text()))
+        except (ValueError, TypeError) as error:
+            raise InferenceError(
+                f"model metadata {path} is unreadable ({error}): re-run `mol_props export`"
+            ) from error
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     def preprocess_config(self) -> PreprocessConfig:
-        from omegaconf import OmegaConf
-
-        merged = OmegaConf.merge(OmegaConf.structured(PreprocessConfig), self.preprocess)
-        return OmegaConf.to_object(merged)
+        try:
+            return _dataclass_from_dict(PreprocessConfig, self.preprocess)
+        except (KeyError, TypeError) as error:
+            raise InferenceError(
+                f"the model's preprocess settings lack {error}: re-run `mol_props export`"
+            ) from error
 
     def featurizer(self) -> Featurizer:
         """The exact featurizer the model was trained with; refuses a different version."""
@@ -99,13 +125,17 @@ def bucket_for(num_atoms: int, buckets: Sequence[int]) -> int:
 
 class LocalPredictor:
     """ONNX Runtime on this machine. Molecules are padded to size buckets, not all to max_atoms:
-    B3DB molecules average ~25 heavy atoms, and padding each to 128 makes the adjacency products
-    ~20x larger. Padding never changes a prediction (padded atoms are masked out)."""
+    B3DB molecules average ~26 heavy atoms, and padding each to 128 makes the adjacency products
+    ~20x larger. Padding never changes a prediction (padded atoms are masked out).
+
+    The ONNX Runtime session is opened on first use: file mode hands the work to worker processes
+    (each opens its own), and a process forked while the parent holds a session would inherit its
+    thread pool's state."""
 
     def __init__(self, model_path: Path, metadata: ModelMetadata, config: InferConfig) -> None:
-        import onnxruntime
-
+        self.model_path = Path(model_path)
         self.metadata = metadata
+        self.config = config
         self.targets = metadata.targets
         self.featurizer = metadata.featurizer()
         self.batch_size = config.batch_size
@@ -113,23 +143,40 @@ class LocalPredictor:
             {size for size in config.atom_buckets if size < metadata.max_atoms}
             | {metadata.max_atoms}
         )
+        self._session = None
+
+    @property
+    def session(self):
+        if self._session is None:
+            self._session = self._open_session()
+        return self._session
+
+    def _open_session(self):
+        import onnxruntime
+
         options = onnxruntime.SessionOptions()
-        if config.num_threads > 0:
-            options.intra_op_num_threads = config.num_threads
-        self.session = onnxruntime.InferenceSession(
-            str(model_path), options, providers=["CPUExecutionProvider"]
-        )
-        fixed_atoms = self.session.get_inputs()[0].shape[1]
+        if self.config.num_threads > 0:
+            options.intra_op_num_threads = self.config.num_threads
+        try:
+            session = onnxruntime.InferenceSession(
+                str(self.model_path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as error:  # ONNX Runtime raises its own types for unreadable models
+            raise InferenceError(
+                f"cannot load the model {self.model_path} ({error}): re-run `mol_props export`"
+            ) from error
+        fixed_atoms = session.get_inputs()[0].shape[1]
         if isinstance(fixed_atoms, int):
             # A fixed-shape model (the Triton/TensorRT one) takes only max_atoms.
             self.buckets = [fixed_atoms]
+        return session
 
     def predict(self, smiles: Sequence[str]) -> Predictions:
+        session = self.session
         results = self.featurizer.featurize_many(smiles)
         values = np.full((len(results), len(self.targets)), np.nan, dtype=np.float32)
         errors: list[str | None] = [
-            result.reason if isinstance(result, FeaturizationError) else None
-            for result in results
+            result.reason if isinstance(result, FeaturizationError) else None for result in results
         ]
         by_bucket: dict[int, list[int]] = {}
         for i, result in enumerate(results):
@@ -142,9 +189,41 @@ class LocalPredictor:
                 batch = pad_graphs(
                     graphs, size, self.featurizer.descriptor_size, len(self.featurizer)
                 )
-                (output,) = self.session.run(["prediction"], batch.as_inputs())  # [b, T]
+                (output,) = session.run(["prediction"], batch.as_inputs())  # [b, T]
                 values[batch_rows] = output
         return Predictions(values=values, errors=errors)
+
+
+def worker_count(config: InferConfig) -> int:
+    """Processes for file mode: `num_workers`, or every core this process may use when 0."""
+    if config.num_workers > 0:
+        return config.num_workers
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+# Each worker process holds one predictor, built by _init_worker (or the error that stopped it).
+_WORKER_PREDICTOR: LocalPredictor | None = None
+_WORKER_ERROR: Exception | None = None
+
+
+def _init_worker(model_path: Path, metadata: ModelMetadata, config: InferConfig) -> None:
+    global _WORKER_PREDICTOR, _WORKER_ERROR
+    try:
+        _WORKER_PREDICTOR = LocalPredictor(model_path, metadata, config)
+        _WORKER_PREDICTOR.session
+    except Exception as error:
+        # Raised from the first task instead: an initializer that raises makes Pool restart the
+        # worker forever.
+        _WORKER_ERROR = error
+
+
+def _predict_in_worker(smiles: list[str]) -> Predictions:
+    if _WORKER_ERROR is not None:
+        raise _WORKER_ERROR
+    assert _WORKER_PREDICTOR is not None, "worker started without _init_worker"
+    return _WORKER_PREDICTOR.predict(smiles)
 
 
 @dataclass
@@ -156,39 +235,107 @@ class InputChunk:
     smiles: list[str]
 
 
+def _find_column(columns: Sequence[str], wanted: str) -> str | None:
+    """`wanted`, else the one column equal to it ignoring case and spaces ("SMILES" in B3DB)."""
+    if wanted in columns:
+        return wanted
+    matches = [name for name in columns if name.strip().lower() == wanted.strip().lower()]
+    return matches[0] if len(matches) == 1 else None
+
+
 def read_smiles_file(path: Path, smiles_column: str, chunk_size: int) -> Iterator[InputChunk]:
     """Rows of a .csv/.tsv (with a SMILES column) or .smi/.txt (one SMILES per line, optionally
-    followed by a name), `chunk_size` rows at a time so memory stays bounded."""
-    if not path.is_file():
+    followed by a name), `chunk_size` rows at a time so memory stays bounded. An input without
+    rows still yields one empty chunk, so the output gets its header."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.exists():
         raise InferenceError(f"input file {path} does not exist")
-    with path.open(newline="") as handle:
-        if path.suffix.lower() in SMILES_FILE_SUFFIXES:
-            columns = ["smiles", "name"]
-            smiles_column = "smiles"
-            rows: Iterator[dict[str, str]] = (_smi_row(line) for line in handle)
-        else:
-            delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-            reader = csv.DictReader(handle, delimiter=delimiter)
-            columns = list(reader.fieldnames or [])
-            if smiles_column not in columns:
-                raise InferenceError(
-                    f"{path} has no column {smiles_column!r} (columns: {', '.join(columns)}); "
-                    "name it with infer.smiles_column=<column>"
-                )
-            rows = iter(reader)
-        chunk: list[dict[str, str]] = []
-        for row in rows:
-            chunk.append(row)
-            if len(chunk) == chunk_size:
-                yield InputChunk(columns, chunk, [row[smiles_column] or "" for row in chunk])
-                chunk = []
-        if chunk:
-            yield InputChunk(columns, chunk, [row[smiles_column] or "" for row in chunk])
+    if not path.is_file():
+        raise InferenceError(f"input {path} is not a file")
+    if suffix not in SMILES_FILE_SUFFIXES and suffix not in TABLE_DELIMITERS:
+        raise InferenceError(
+            f"input {path}: unsupported file type {suffix or '(none)'}; use .csv or .tsv with a "
+            "SMILES column, or .smi / .txt with one SMILES per line"
+        )
+    # utf-8-sig: spreadsheet programs start CSV files with a byte-order mark.
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        try:
+            yield from _read_chunks(path, handle, smiles_column, chunk_size)
+        except (UnicodeDecodeError, csv.Error) as error:
+            raise InferenceError(f"cannot read {path} as {suffix[1:]} text: {error}") from error
 
 
-def _smi_row(line: str) -> dict[str, str]:
-    parts = line.rstrip("\r\n").split(maxsplit=1)
-    return {"smiles": parts[0] if parts else "", "name": parts[1] if len(parts) > 1 else ""}
+def _read_chunks(
+    path: Path, handle: typing.TextIO, smiles_column: str, chunk_size: int
+) -> Iterator[InputChunk]:
+    if path.suffix.lower() in SMILES_FILE_SUFFIXES:
+        columns = ["smiles", "name"]
+        column = "smiles"
+        rows: Iterator[dict[str, str]] = _smi_rows(handle)
+    else:
+        reader = csv.DictReader(handle, delimiter=TABLE_DELIMITERS[path.suffix.lower()])
+        columns = list(reader.fieldnames or [])
+        if not columns:
+            raise InferenceError(f"{path} is empty: expected a header row with a SMILES column")
+        found = _find_column(columns, smiles_column)
+        if found is None:
+            raise InferenceError(
+                f"{path} has no column {smiles_column!r} (columns: {', '.join(columns)}); "
+                "name it with infer.smiles_column=<column>"
+            )
+        column = found
+        rows = iter(reader)
+    yielded = False
+    while True:
+        chunk = list(itertools.islice(rows, chunk_size))
+        if chunk or not yielded:
+            yield InputChunk(columns, chunk, [row[column] or "" for row in chunk])
+            yielded = True
+        if len(chunk) < chunk_size:
+            return
+
+
+def _smi_rows(lines: Iterable[str]) -> Iterator[dict[str, str]]:
+    for number, line in enumerate(lines):
+        parts = line.rstrip("\r\n").split(maxsplit=1)
+        if number == 0 and parts and parts[0].lower() == "smiles":
+            continue  # a header line, which some tools write into .smi files
+        yield {"smiles": parts[0] if parts else "", "name": parts[1] if len(parts) > 1 else ""}
+
+
+def predict_chunks(
+    predictor: Predictor, chunks: Iterable[InputChunk]
+) -> Iterator[tuple[InputChunk, Predictions]]:
+    """Each chunk with its predictions, in input order. A local predictor with several workers
+    featurizes and runs chunks in parallel processes (RDKit holds the GIL), with at most
+    CHUNKS_IN_FLIGHT_PER_WORKER chunks per worker queued; a short input stays in this process."""
+    iterator = iter(chunks)
+    head = list(itertools.islice(iterator, MIN_CHUNKS_FOR_WORKERS))
+    workers = worker_count(predictor.config) if isinstance(predictor, LocalPredictor) else 1
+    if len(head) < MIN_CHUNKS_FOR_WORKERS or workers <= 1:
+        for chunk in itertools.chain(head, iterator):
+            yield chunk, predictor.predict(chunk.smiles)
+        return
+    assert isinstance(predictor, LocalPredictor)
+    # One ONNX Runtime thread per worker: the workers already use every core between them.
+    worker_config = dataclasses.replace(predictor.config, num_threads=1)
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with context.Pool(
+        workers,
+        initializer=_init_worker,
+        initargs=(predictor.model_path, predictor.metadata, worker_config),
+    ) as pool:
+        pending: collections.deque = collections.deque()
+        for chunk in itertools.chain(head, iterator):
+            pending.append((chunk, pool.apply_async(_predict_in_worker, (chunk.smiles,))))
+            if len(pending) >= CHUNKS_IN_FLIGHT_PER_WORKER * workers:
+                done, result = pending.popleft()
+                yield done, result.get()
+        while pending:
+            done, result = pending.popleft()
+            yield done, result.get()
 
 
 def _number_or_none(value: float) -> float | None:
@@ -211,38 +358,100 @@ def predict_smiles(predictor: Predictor, smiles: Sequence[str]) -> list[dict]:
     ]
 
 
+@dataclass
+class FileSummary:
+    ok: int
+    failed: int
+    reasons: collections.Counter  # failure reason -> molecules
+
+    def describe(self, output_path: Path, shown: int = 3) -> str:
+        text = f"{self.ok} ok, {self.failed} failed -> {output_path}"
+        if self.reasons:
+            common = "; ".join(
+                f"{count} x {reason}" for reason, count in self.reasons.most_common(shown)
+            )
+            text += f"\nmost common failures: {common}"
+        return text
+
+
 def predict_file(
     predictor: Predictor, input_path: Path, output_path: Path, config: InferConfig
-) -> tuple[int, int]:
+) -> FileSummary:
     """File mode: stream rows in chunks, keep every input row and column, add targets + error.
 
-    Returns (ok, failed) counts."""
+    The output is written beside its final name and renamed at the end, so a run that stops
+    half-way never leaves a complete-looking but truncated file."""
     from tqdm.auto import tqdm
 
-    ok = failed = 0
-    writer: csv.DictWriter | None = None
+    input_path, output_path = Path(input_path), Path(output_path)
+    if output_path.exists() and output_path.resolve() == input_path.resolve():
+        raise InferenceError(f"--output {output_path} would overwrite the input file")
+    if output_path.is_dir():
+        raise InferenceError(f"--output {output_path} is a directory; name a .csv file")
+    chunks = read_smiles_file(input_path, config.smiles_column, config.chunk_size)
+    first = next(chunks)  # fails here, before any output exists, on a bad input file
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    with output_path.open("w", newline="") as handle, tqdm(
-        desc="infer", unit="mol", disable=not config.progress
-    ) as bar:
-        for chunk in read_smiles_file(input_path, config.smiles_column, config.chunk_size):
-            predictions = predictor.predict(chunk.smiles)
-            if writer is None:
-                added = [name for name in predictor.targets + ["error"] if name not in chunk.columns]
-                writer = csv.DictWriter(
-                    handle, fieldnames=chunk.columns + added, extrasaction="ignore"
-                )
-                writer.writeheader()
-            for i, row in enumerate(chunk.rows):
-                for k, target in enumerate(predictor.targets):
-                    value = predictions.values[i, k]
-                    row[target] = "" if math.isnan(value) else f"{value:.6g}"
-                row["error"] = predictions.errors[i] or ""
-                failed += predictions.errors[i] is not None
-                writer.writerow(row)
-            ok += len(chunk.rows)
-            bar.update(len(chunk.rows))
-    return ok - failed, failed
+    partial = output_path.with_name(f".{output_path.name}.partial")
+    summary = FileSummary(0, 0, collections.Counter())
+    try:
+        with (
+            partial.open("w", newline="", encoding="utf-8") as handle,
+            tqdm(desc="infer", unit="mol", disable=not config.progress, file=sys.stderr) as bar,
+        ):
+            added = output_columns(first.columns, predictor.targets)
+            for name, column in zip([*predictor.targets, "error"], added):
+                if name != column:
+                    print(
+                        f"infer: the input has a column {name!r}; writing {column!r}",
+                        file=sys.stderr,
+                    )
+            writer = csv.DictWriter(
+                handle, fieldnames=first.columns + added, extrasaction="ignore"
+            )
+            writer.writeheader()
+            for chunk, predictions in predict_chunks(predictor, itertools.chain([first], chunks)):
+                _write_chunk(writer, chunk, predictions, added, summary)
+                bar.update(len(chunk.rows))
+        partial.replace(output_path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return summary
+
+
+def output_columns(input_columns: Sequence[str], targets: Sequence[str]) -> list[str]:
+    """The columns added to the input's: one per target, then `error`. A name the input already
+    uses gets the prefix `mol_props_`: the input's own values (true labels, say) are kept."""
+    taken = set(input_columns)
+    columns = []
+    for name in [*targets, "error"]:
+        column = name
+        while column in taken:
+            column = f"mol_props_{column}"
+        taken.add(column)
+        columns.append(column)
+    return columns
+
+
+def _write_chunk(
+    writer: csv.DictWriter,
+    chunk: InputChunk,
+    predictions: Predictions,
+    added: list[str],  # output_columns(): target columns, then the error column
+    summary: FileSummary,
+) -> None:
+    *target_columns, error_column = added
+    for i, row in enumerate(chunk.rows):
+        for k, column in enumerate(target_columns):
+            value = predictions.values[i, k]
+            row[column] = "" if math.isnan(value) else f"{value:.6g}"
+        error = predictions.errors[i]
+        row[error_column] = error or ""
+        writer.writerow(row)
+        if error is None:
+            summary.ok += 1
+        else:
+            summary.failed += 1
+            summary.reasons[error] += 1
 
 
 def local_predictor(config: Config) -> LocalPredictor:
@@ -256,6 +465,105 @@ def local_predictor(config: Config) -> LocalPredictor:
     return LocalPredictor(model_path, ModelMetadata.load(metadata_path), config.infer)
 
 
+def parse_smiles_argument(value: object) -> list[str]:
+    """`--smiles` as typed: one SMILES, several separated by commas (a SMILES never holds one),
+    or a JSON list '["CCO","c1ccccc1"]'; a list or tuple from Python is taken item by item."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [text for item in value for text in parse_smiles_argument(item)]
+    text = str(value)
+    if text.startswith("[") and text.endswith("]"):
+        # "[H]" or "[Na+]" are SMILES, not JSON; only a list of strings is taken as a list.
+        try:
+            items = json.loads(text)
+        except ValueError:
+            items = None
+        if isinstance(items, list) and all(isinstance(item, str) for item in items):
+            return [item.strip() for item in items]
+    return [piece.strip() for piece in text.split(",")]
+
+
+def _config_cache_key(overrides: Sequence[str]) -> str | None:
+    """A digest of everything a composed config depends on, or None when it may depend on more
+    (an interpolation such as ${oc.env:...} can read the environment)."""
+    digest = hashlib.sha256(json.dumps(list(overrides)).encode())
+    sources = sorted(config_dir().rglob("*.yaml"))
+    for path in sources:
+        text = path.read_bytes()
+        if b"${" in text:
+            return None
+        digest.update(str(path).encode() + b"\0" + text + b"\0")
+    # The schema (mol_props/config.py) and the Hydra / OmegaConf installs shape the result too.
+    import importlib.util
+
+    for name in ("mol_props.config", "hydra", "omegaconf"):
+        spec = importlib.util.find_spec(name)
+        origin = Path(spec.origin) if spec and spec.origin else None
+        if origin is None:
+            return None
+        digest.update(f"{origin}:{origin.stat().st_mtime_ns}".encode())
+    if any("${" in override for override in overrides):
+        return None
+    return digest.hexdigest()
+
+
+def _config_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mol_props"
+
+
+def _dataclass_from_dict(cls: type, data: dict):
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for item in dataclasses.fields(cls):
+        value = data[item.name]
+        if dataclasses.is_dataclass(hints[item.name]):
+            value = _dataclass_from_dict(hints[item.name], value)
+        values[item.name] = value
+    return cls(**values)
+
+
+def compose_config_cached(overrides: Sequence[str]) -> Config:
+    """`compose_config`, memoised on disk by the content of configs/ and the overrides.
+
+    Hydra and OmegaConf spend ~0.5 s composing and validating the config: half of a cold
+    `mol_props infer --smiles CCO`. The result depends only on the YAML files, the schema and the
+    overrides, so a composed config is stored as JSON under ~/.cache/mol_props and reused until
+    one of those changes; any other case composes afresh."""
+    overrides = [str(override) for override in overrides]
+    key = _config_cache_key(overrides)
+    cache_file = _config_cache_dir() / f"config-{key}.json" if key else None
+    if cache_file is not None and cache_file.is_file():
+        try:
+            return _dataclass_from_dict(Config, json.loads(cache_file.read_text()))
+        except (ValueError, KeyError, TypeError, OSError):
+            pass  # an old or damaged entry: compose afresh and overwrite it
+    try:
+        config = compose_config(overrides)
+    except Exception as error:
+        if type(error).__module__.split(".")[0] in ("hydra", "omegaconf"):
+            raise InferenceError(f"configuration: {error}") from error
+        raise
+    if cache_file is not None:
+        _store_config(cache_file, config)
+    return config
+
+
+def _store_config(cache_file: Path, config: Config) -> None:
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(asdict(config)))
+        temporary.replace(cache_file)
+        entries = sorted(
+            cache_file.parent.glob("config-*.json"), key=lambda path: path.stat().st_mtime
+        )
+        for stale in entries[:-CONFIG_CACHE_ENTRIES]:
+            stale.unlink(missing_ok=True)
+    except OSError:
+        pass  # a read-only home only costs the next run the composition time
+
+
 def run(
     config: Config,
     smiles: Sequence[str] = (),
@@ -264,8 +572,17 @@ def run(
     server: str | None = None,
 ) -> int:
     """The `mol_props infer` command; returns the process exit code."""
-    if bool(smiles) == (input_path is not None):
-        raise InferenceError("give either --smiles or --input (with --output), not both")
+    if smiles and input_path is not None:
+        raise InferenceError("give either --smiles or --input, not both")
+    if not smiles and input_path is None:
+        raise InferenceError(
+            "nothing to predict: give --smiles CCO, or --input FILE --output FILE.csv "
+            "(see `mol_props infer --help`)"
+        )
+    if input_path is not None and output_path is None:
+        raise InferenceError("--input needs --output FILE.csv")
+    if smiles and output_path is not None:
+        raise InferenceError("--output goes with --input; --smiles prints JSON lines")
     if server:
         from mol_props.client import TritonPredictor
 
@@ -277,8 +594,6 @@ def run(
         for record in records:
             print(json.dumps(record))
         return 0 if any(record["error"] is None for record in records) else 1
-    if output_path is None:
-        raise InferenceError("--input needs --output FILE.csv")
-    ok, failed = predict_file(predictor, Path(input_path), Path(output_path), config.infer)
-    print(f"{ok} ok, {failed} failed -> {output_path}", file=sys.stderr)
+    summary = predict_file(predictor, Path(input_path), Path(output_path), config.infer)
+    print(summary.describe(Path(output_path)), file=sys.stderr)
     return 0

@@ -22,7 +22,9 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     average_ranks = first + (counts + 1) / 2.0
     ranks[order] = np.repeat(average_ranks, counts)
     rank_sum = ranks[positives].sum()
-    return float((rank_sum - num_positive * (num_positive + 1) / 2) / (num_positive * num_negative))
+    return float(
+        (rank_sum - num_positive * (num_positive + 1) / 2) / (num_positive * num_negative)
+    )
 
 
 def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:

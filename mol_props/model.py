@@ -67,7 +67,11 @@ class MoleculeGNN(nn.Module):
         layers: list[nn.Module] = []
         width = head_input
         for _ in range(config.head_layers - 1):
-            layers += [nn.Linear(width, config.head_hidden_dim), nn.ReLU(), nn.Dropout(config.dropout)]
+            layers += [
+                nn.Linear(width, config.head_hidden_dim),
+                nn.ReLU(),
+                nn.Dropout(config.dropout),
+            ]
             width = config.head_hidden_dim
         layers.append(nn.Linear(width, num_targets))
         self.head = nn.Sequential(*layers)

@@ -80,7 +80,9 @@ def classification_figures(
         label="model",
     )
     axis.plot([0, 1], [0, 1], "--", color="grey", label="perfect")
-    axis.set(xlabel="predicted probability", ylabel="observed fraction", title=f"Calibration ({name})")
+    axis.set(
+        xlabel="predicted probability", ylabel="observed fraction", title=f"Calibration ({name})"
+    )
     axis.legend()
     paths.append(directory / "calibration.png")
     figure.savefig(paths[-1], dpi=120)
@@ -93,7 +95,9 @@ def regression_figures(
 ) -> list[Path]:
     """Parity (predicted vs measured) and residual plots for one target."""
     plt = _pyplot()
-    low, high = float(min(values.min(), predictions.min())), float(max(values.max(), predictions.max()))
+    low, high = float(min(values.min(), predictions.min())), float(
+        max(values.max(), predictions.max())
+    )
     figure, axis = plt.subplots(figsize=(5, 5))
     axis.scatter(values, predictions, s=8, alpha=0.6)
     axis.plot([low, high], [low, high], "--", color="grey")
@@ -104,7 +108,9 @@ def regression_figures(
     figure, axis = plt.subplots(figsize=(5, 4))
     axis.scatter(predictions, predictions - values, s=8, alpha=0.6)
     axis.axhline(0, linestyle="--", color="grey")
-    axis.set(xlabel=f"predicted {name}", ylabel="residual (predicted - measured)", title="Residuals")
+    axis.set(
+        xlabel=f"predicted {name}", ylabel="residual (predicted - measured)", title="Residuals"
+    )
     residuals = directory / "residuals.png"
     figure.savefig(residuals, dpi=120)
     plt.close(figure)

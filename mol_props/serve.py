@@ -3,16 +3,16 @@
 Two ways to get a `tritonserver`:
 
 - the official Triton container: its own binary and real backends (onnxruntime, TensorRT);
-- anywhere else (these CPU machines): the binary the nvidia-pytriton wheel bundles. It has only the
-  python backend, so a backend directory is assembled under `serving.work_dir`: the python backend
-  and its stub (copied, not linked: the stub finds its libraries next to itself), and the CPU
-  stand-in for the onnxruntime backend (mol_props/cpu_standin_backends/onnxruntime/model.py).
+- anywhere else (these CPU machines): the binary the nvidia-pytriton wheel bundles. It has only
+  the python backend, so a backend directory is assembled under `serving.work_dir`: the python
+  backend and its stub (copied, not linked: the stub finds its libraries next to itself), and the
+  CPU stand-in for the onnxruntime backend (mol_props/cpu_standin_backends/onnxruntime/model.py).
 
-The server runs in its own process group and session, so a Ctrl-C in the terminal reaches only this
-process, which then stops the server in order: SIGTERM, Triton drains in-flight requests and unloads
-the models (their python stubs exit), and only if that takes too long is the group killed. Each
-server gets its own shared-memory prefix, so whatever a killed stub left in /dev/shm is found and
-removed without touching another server's regions.
+The server runs in its own session and process group, so a Ctrl-C in the terminal reaches only
+this process, which then stops the server in order: unload the models (in-flight requests finish,
+the python stubs exit and free their shared memory), SIGTERM, and only if that hangs, SIGKILL to
+the whole group. Each server gets its own shared-memory prefix, so anything a killed stub left in
+/dev/shm is found and removed without touching another server's regions.
 """
 
 from __future__ import annotations
@@ -30,10 +30,18 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
 from mol_props.config import Config, ServingConfig
+from mol_props.triton_repo import (
+    FEATURIZER_MODEL,
+    METADATA_FILE,
+    ONNX_MODEL,
+    TENSORRT_MODEL,
+    VERSION,
+)
 
 STANDIN_BACKENDS_DIR = Path(__file__).resolve().parent / "cpu_standin_backends"
 SHARED_MEMORY_DIR = Path("/dev/shm")
@@ -69,8 +77,10 @@ class TritonServer:
         repository: Path | None = None,
         work_dir: Path | None = None,
         log_path: Path | None = None,
+        onnx_model_name: str = ONNX_MODEL,
     ) -> None:
         self.config = config
+        self.onnx_model_name = onnx_model_name
         self.repository = Path(repository or config.triton_repo).resolve()
         self.work_dir = Path(work_dir or config.work_dir).resolve()
         self.log_path = log_path
@@ -125,32 +135,37 @@ class TritonServer:
         stub = bundled / "python_backend_stubs" / sysconfig.get_python_version() / PYTHON_STUB
         if not stub.is_file():
             raise ServeError(f"nvidia-pytriton has no python backend stub for {stub.parent.name}")
-        sources = [(path, python_dir / path.name) for path in (bundled / "backends/python").iterdir()]
+        sources = [
+            (path, python_dir / path.name) for path in (bundled / "backends/python").iterdir()
+        ]
         sources.append((stub, python_dir / PYTHON_STUB))
         for standin in STANDIN_BACKENDS_DIR.iterdir():
             if (standin / "model.py").is_file():
-                sources.append((standin / "model.py", self.backend_dir / standin.name / "model.py"))
+                sources.append(
+                    (standin / "model.py", self.backend_dir / standin.name / "model.py")
+                )
         for source, target in sources:
             _copy_if_changed(source, target)
 
     def check_repository(self) -> None:
         """Fail before starting when a model file the selected backend loads is missing."""
-        model_dir = "mol_props_trt" if self.config.backend == "tensorrt" else "mol_props_onnx"
-        model_file = "model.plan" if self.config.backend == "tensorrt" else "model.onnx"
         if self.config.backend not in ("onnx", "tensorrt"):
             raise ServeError(f"serving.backend={self.config.backend}: expected onnx or tensorrt")
         if self.config.backend == "tensorrt" and self.bundled:
             raise ServeError(
-                "serving.backend=tensorrt needs a GPU and Triton's TensorRT backend: run it in the "
-                "official Triton container (see docs/serving.md); the bundled CPU server has neither"
+                "serving.backend=tensorrt needs a GPU and Triton's TensorRT backend: run it in "
+                "the official Triton container (see docs/serving.md); the bundled CPU server "
+                "has neither"
             )
-        needed = [
-            self.repository / model_dir / "1" / model_file,
-            self.repository / "mol_props_featurizer" / "1" / "model.json",
-        ]
+        if self.config.backend == "tensorrt":
+            model_file = self.repository / TENSORRT_MODEL / VERSION / "model.plan"
+            hint = "scripts/onnx2trt.sh"
+        else:
+            model_file = self.repository / self.onnx_model_name / VERSION / "model.onnx"
+            hint = "mol_props export"
+        needed = [model_file, self.repository / FEATURIZER_MODEL / VERSION / METADATA_FILE]
         missing = [str(path) for path in needed if not path.is_file()]
         if missing:
-            hint = "scripts/onnx2trt.sh" if model_file == "model.plan" else "mol_props export"
             raise ServeError(f"missing {', '.join(missing)}: run `{hint}` first")
 
     def command(self) -> list[str]:
@@ -199,7 +214,8 @@ class TritonServer:
         # The stub embeds libpython: it must load this interpreter's, not another on the system.
         libraries = [sysconfig.get_config_var("LIBDIR")]
         if self.bundled:
-            libraries.append(str(self.binary.parent.parent.parent.parent / "nvidia_pytriton.libs"))
+            # The wheel's own shared libraries, next to the pytriton package in site-packages.
+            libraries.append(str(self.binary.parents[3] / "nvidia_pytriton.libs"))
         env["LD_LIBRARY_PATH"] = _join_paths(libraries, env.get("LD_LIBRARY_PATH"))
         # The embedded interpreter starts from the base Python's prefix, not the virtualenv: put
         # this environment's site-packages (where mol_props is installed) and mol_props' own
@@ -223,14 +239,14 @@ class TritonServer:
             stdout=output,
             stderr=subprocess.STDOUT if output is not None else None,
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=_parent_death_signal() if sys.platform == "linux" else None,
         )
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
     def wait_until_ready(self, cancel: threading.Event | None = None) -> None:
-        """Block until the server and every model are ready; ServeError if it exits or times out."""
+        """Block until the server and all its models are ready; ServeError if it exits first."""
         deadline = time.monotonic() + self.config.ready_timeout_s
         url = f"{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
@@ -238,7 +254,9 @@ class TritonServer:
                 raise ServeError("interrupted while the server was starting")
             if not self.running():
                 code = self.process.returncode if self.process else None
-                raise ServeError(f"tritonserver exited with code {code} while starting" + self._tail())
+                raise ServeError(
+                    f"tritonserver exited with code {code} while starting" + self._tail()
+                )
             if _http_ok(url):
                 return
             time.sleep(READY_POLL_S)
@@ -362,10 +380,19 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM the server if `mol_props serve` (or pytest) dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def _parent_death_signal() -> Callable[[], None]:
+    """A pre-exec hook: the kernel SIGTERMs the server if `mol_props serve` (or pytest) dies.
+
+    Linux ties it to the thread that starts the server, so start it from one that lives as long
+    as the server (the main thread). prctl is looked up here, in the parent: the hook runs
+    between fork and exec, where loading a library could deadlock on a lock another thread held
+    at the fork."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def hook() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return hook
 
 
 def prepare_repository(config: Config) -> None:
@@ -404,7 +431,7 @@ def serve(config: Config) -> int:
     try:
         if config.serving.backend == "onnx":
             prepare_repository(config)
-        server = TritonServer(config.serving)
+        server = TritonServer(config.serving, onnx_model_name=config.export.triton_model_name)
         server.start()
         server.wait_until_ready(cancel=stop_requested)
         _print_endpoints(server)
@@ -413,12 +440,15 @@ def serve(config: Config) -> int:
     except ServeError as error:
         failure = str(error)
     finally:
+        if server is not None and stop_requested.is_set():
+            limit = server.config.stop_timeout_s + server.config.exit_timeout_s
+            print(f"mol_props serve: stopping (at most ~{limit:.0f} s)", file=sys.stderr)
         code = server.stop() if server is not None else None
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if server is not None and server.removed_shared_memory:
         names = ", ".join(path.name for path in server.removed_shared_memory)
-        print(f"mol_props serve: removed shared memory the server left: {names}", file=sys.stderr)
+        print(f"mol_props serve: removed shared memory left behind: {names}", file=sys.stderr)
     if stop_requested.is_set():
         print("mol_props serve: tritonserver stopped", file=sys.stderr)
         return 0

@@ -1,4 +1,4 @@
-"""Training: an explicit Lightning Fabric loop (train -> train_epoch -> validate), logged to MLflow.
+"""Training: an explicit Lightning Fabric loop (train -> train_epoch -> validate), MLflow logging.
 
     mol_props train [OVERRIDES...]
       data (DVC pull, else download_data) -> featurize (cached) -> split
@@ -30,7 +30,7 @@ from mol_props.config import Config, TrainConfig, to_flat_dict
 from mol_props.data import PreparedData, prepare_data
 from mol_props.featurize import Featurizer, MoleculeGraph, pad_graphs
 from mol_props.metrics import MONITORED, evaluate
-from mol_props.model import MoleculeGNN, PredictionModel
+from mol_props.model import MoleculeGNN
 from mol_props.tracking import RunLogger, git_state
 
 LOGGER = logging.getLogger(__name__)
@@ -46,6 +46,53 @@ class MoleculeDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[MoleculeGraph, np.ndarray]:
         return self.graphs[index], self.targets[index]
+
+
+class SizeGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Shuffled batches of similar-sized molecules.
+
+    Each batch is padded to its own largest molecule, so grouping by size cuts the padding (and
+    the [N, N] adjacency products) roughly in half on B3DB. Molecules are shuffled, cut into pools
+    of `pool_batches` batches, sorted by size within a pool, batched, and the batches shuffled;
+    with several processes each takes every world_size-th batch.
+    """
+
+    def __init__(
+        self,
+        sizes: np.ndarray,
+        batch_size: int,
+        generator: torch.Generator,
+        pool_batches: int = 32,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.sizes = sizes
+        self.batch_size = batch_size
+        self.generator = generator
+        self.pool = batch_size * pool_batches
+        self.rank, self.world_size = rank, world_size
+
+    def _batches(self) -> list[list[int]]:
+        order = torch.randperm(len(self.sizes), generator=self.generator).numpy()
+        batches = []
+        for start in range(0, len(order), self.pool):
+            pool = order[start : start + self.pool]
+            pool = pool[np.argsort(self.sizes[pool], kind="stable")]
+            batches += [
+                pool[i : i + self.batch_size].tolist() for i in range(0, len(pool), self.batch_size)
+            ]
+        shuffled = torch.randperm(len(batches), generator=self.generator).tolist()
+        return [batches[i] for i in shuffled][self.rank :: self.world_size]
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        total = sum(
+            math.ceil(min(self.pool, len(self.sizes) - start) / self.batch_size)
+            for start in range(0, len(self.sizes), self.pool)
+        )
+        return len(range(self.rank, total, self.world_size))
 
 
 def collate(items: list[tuple[MoleculeGraph, np.ndarray]]) -> dict[str, torch.Tensor]:
@@ -104,16 +151,15 @@ def make_scheduler(
     optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
     total_steps = max(config.max_epochs * steps_per_epoch, 1)
-    if config.scheduler == "onecycle":
+    if config.scheduler == "onecycle" and total_steps >= 4:
+        # OneCycleLR needs at least 2 warm-up steps and 2 after; tiny runs (tests) get them.
+        warmup = min(max(config.warmup_fraction, 2.0 / total_steps), 0.5)
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer,
-            max_lr=config.learning_rate,
-            total_steps=total_steps,
-            pct_start=config.warmup_fraction,
+            optimizer, max_lr=config.learning_rate, total_steps=total_steps, pct_start=warmup
         )
     if config.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    if config.scheduler == "constant":
+    if config.scheduler in ("constant", "onecycle"):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     raise ValueError(f"unknown train.scheduler={config.scheduler!r}: onecycle | cosine | constant")
 
@@ -188,12 +234,18 @@ def is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
     return value > best if higher_is_better else value < best
 
 
-def _loader(
-    dataset: MoleculeDataset, batch_size: int, shuffle: bool, generator: torch.Generator | None
+def _train_loader(
+    dataset: MoleculeDataset, batch_size: int, generator: torch.Generator, fabric: Fabric
 ) -> DataLoader:
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator
+    sizes = np.array([graph.num_atoms for graph in dataset.graphs])
+    sampler = SizeGroupedBatchSampler(
+        sizes, batch_size, generator, rank=fabric.global_rank, world_size=fabric.world_size
     )
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+
+
+def _eval_loader(dataset: MoleculeDataset, batch_size: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
 
 
 def _run_directory(config: Config) -> tuple[str, Path]:
@@ -225,7 +277,6 @@ def run(config: Config) -> TrainResult:
     """The `mol_props train` command."""
     started = time.perf_counter()
     settings = config.train
-    task = config.data.task
     run_name, run_directory = _run_directory(config)
     log_handler = _attach_log_file(run_directory)
     try:
@@ -270,12 +321,10 @@ def _fit(
         return MoleculeDataset([data.graphs[i] for i in rows], scaled_targets[rows])
 
     generator = torch.Generator()
-    train_loader = _loader(subset("train"), settings.batch_size, True, generator)
-    val_loader = _loader(subset("val"), settings.batch_size, False, None)
+    train_loader = _train_loader(subset("train"), settings.batch_size, generator, fabric)
+    val_loader = _eval_loader(subset("val"), settings.batch_size)
     test_loader = (
-        _loader(subset("test"), settings.batch_size, False, None)
-        if len(data.splits["test"])
-        else None
+        _eval_loader(subset("test"), settings.batch_size) if len(data.splits["test"]) else None
     )
     featurizer = Featurizer(config.preprocess)
     fabric.seed_everything(settings.seed)
@@ -294,9 +343,13 @@ def _fit(
     )
     scheduler = make_scheduler(optimizer, settings, len(train_loader))
     model, optimizer = fabric.setup(network, optimizer)
-    train_loader, val_loader = fabric.setup_dataloaders(train_loader, val_loader)
+    # The train batch sampler splits batches across processes itself; evaluation runs whole
+    # on every process (validation sets are small).
+    train_loader, val_loader = fabric.setup_dataloaders(
+        train_loader, val_loader, use_distributed_sampler=False
+    )
     if test_loader is not None:
-        test_loader = fabric.setup_dataloaders(test_loader)
+        test_loader = fabric.setup_dataloaders(test_loader, use_distributed_sampler=False)
 
     checkpoint_dir = Path(settings.checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -350,9 +403,7 @@ def _fit(
             # Same seeds for the same epoch whether or not the run was resumed.
             torch.manual_seed(settings.seed + epoch)
             generator.manual_seed(settings.seed + epoch)
-            sampler = getattr(train_loader, "sampler", None)
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
+            epoch_started = time.perf_counter()
             train_loss = train_epoch(
                 fabric, model, optimizer, scheduler, train_loader, settings, task, epoch
             )
@@ -362,11 +413,14 @@ def _fit(
                 "train_loss": train_loss,
                 **{f"val_{name}": value for name, value in val_metrics.items()},
                 "lr": scheduler.get_last_lr()[0],
+                "epoch_seconds": time.perf_counter() - epoch_started,
             }
             state["history"].append(row)
             if tracker is not None:
                 tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-            epochs.set_postfix(loss=f"{train_loss:.4f}", **{f"val_{metric}": f"{val_metrics[metric]:.4f}"})
+            epochs.set_postfix(
+                loss=f"{train_loss:.4f}", **{f"val_{metric}": f"{val_metrics[metric]:.4f}"}
+            )
             state["epoch"] = epoch + 1
             best = None if math.isnan(state["best_value"]) else state["best_value"]
             if is_better(val_metrics[metric], best, higher_is_better):
@@ -377,7 +431,9 @@ def _fit(
                 state["bad_epochs"] += 1
             fabric.save(last_path, state)
             if state["bad_epochs"] >= settings.patience:
-                LOGGER.info("early stop: no better val %s for %d epochs", metric, settings.patience)
+                LOGGER.info(
+                    "early stop: no better val %s for %d epochs", metric, settings.patience
+                )
                 break
     except BaseException:
         status = "KILLED"
@@ -392,12 +448,18 @@ def _fit(
     _, val_values, val_targets = predict(model, val_loader, task, scaling)
     val_metrics = evaluate(val_targets, val_values, task, data.target_names)
     test_metrics: dict[str, float] = {}
-    figure_paths = [plots.learning_curves(state["history"], metric, run_directory / "learning_curves.png")]
+    figure_paths = [
+        plots.learning_curves(state["history"], metric, run_directory / "learning_curves.png")
+    ]
     if test_loader is not None:
         _, test_values, test_targets = predict(model, test_loader, task, scaling)
         test_metrics = evaluate(test_targets, test_values, task, data.target_names)
-        figure_paths += _evaluation_figures(test_targets, test_values, task, data.target_names, run_directory)
-    checkpoint = _save_model(config, fabric, network, data, scaling, featurizer, val_metrics, test_metrics)
+        figure_paths += _evaluation_figures(
+            test_targets, test_values, task, data.target_names, run_directory
+        )
+    checkpoint = _save_model(
+        config, fabric, network, data, scaling, featurizer, val_metrics, test_metrics
+    )
     elapsed = time.perf_counter() - started
     if tracker is not None:
         tracker.log_metrics({f"best_val_{name}": value for name, value in val_metrics.items()})
@@ -425,7 +487,9 @@ def _evaluation_figures(
         present = ~np.isnan(targets[:, k])
         target_dir = directory if len(target_names) == 1 else directory / f"target_{k}"
         target_dir.mkdir(exist_ok=True)
-        draw = plots.classification_figures if task == "classification" else plots.regression_figures
+        draw = (
+            plots.classification_figures if task == "classification" else plots.regression_figures
+        )
         paths += draw(targets[present, k], values[present, k], name, target_dir)
     return paths
 

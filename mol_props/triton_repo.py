@@ -5,10 +5,10 @@ commented. Their tensor dims depend on the exported model: N = max_atoms, F and 
 featurizer config, T = number of targets. When an export changes one of them (a larger max_atoms,
 Morgan bits added to the descriptors, a second target), `populate_model_repository` rewrites those
 dims in place rather than failing: otherwise every such experiment would need four hand edits that
-are easy to get subtly wrong, and Triton would refuse the model anyway. Only the `dims: [ ... ]`
-lines and the ensemble's `targets` parameter are touched, so comments and layout survive and an
-export with the default settings leaves the files byte-identical. Anything it cannot match (a config
-reorganised by hand, a renamed model) is an error that says which file to fix.
+are easy to get subtly wrong, and Triton would refuse the model anyway. Only the
+`dims: [ ... ]` lines and the ensemble's `targets` parameter are touched, so comments and layout
+survive and an export with the default settings leaves the files byte-identical. Anything it
+cannot match (a config reorganised by hand, a renamed model) is an error naming the file to fix.
 
 It needs neither tritonclient nor protobuf, so `mol_props export` runs without the serving extras;
 tests parse the results with `tritonclient.grpc.model_config_pb2` to prove them valid.
@@ -29,7 +29,8 @@ LOGGER = logging.getLogger(__name__)
 ENSEMBLE_MODEL = "mol_props"
 ENSEMBLE_CONFIGS = ("config.pbtxt", "configs/tensorrt.pbtxt")  # ONNX and TensorRT variants
 FEATURIZER_MODEL = "mol_props_featurizer"
-TENSORRT_MODEL = "mol_props_trt"
+ONNX_MODEL = "mol_props_onnx"  # the name the ensemble's config uses (export.triton_model_name)
+TENSORRT_MODEL = "mol_props_trt"  # scripts/onnx2trt.sh writes mol_props_trt/1/model.plan
 METADATA_FILE = "model.json"  # read by triton_repo/mol_props_featurizer/1/model.py
 MODEL_INPUTS = ("atom_features", "adjacency", "atom_mask", "descriptors")
 MODEL_OUTPUT = "prediction"
@@ -102,7 +103,9 @@ def check_onnx_model(onnx_path: Path, dims: dict[str, list[int]]) -> None:
     for name, expected in dims.items():
         tensor = tensors.get(name)
         if tensor is None:
-            raise ModelRepositoryError(f"{onnx_path} has no tensor {name!r} (has {sorted(tensors)})")
+            raise ModelRepositoryError(
+                f"{onnx_path} has no tensor {name!r} (has {sorted(tensors)})"
+            )
         if tensor.type not in ONNX_TYPES:
             raise ModelRepositoryError(f"{onnx_path}: {name} is {tensor.type}, expected float32")
         if list(tensor.shape[1:]) != expected:
@@ -128,7 +131,9 @@ def rewrite_config(path: Path, dims: dict[str, list[int]], targets: str | None =
                 f'{path}: no `name: "{name}"` / `data_type:` / `dims: [...]` block to update'
             )
     if targets is not None:
-        pattern = re.compile(r'(key:\s*"targets"\s*value:\s*\{\s*string_value:\s*)"(?:[^"\\]|\\.)*"')
+        pattern = re.compile(
+            r'(key:\s*"targets"\s*value:\s*\{\s*string_value:\s*)"(?:[^"\\]|\\.)*"'
+        )
         text, count = pattern.subn(lambda match: match.group(1) + _quote(targets), text)
         if count != 1:
             raise ModelRepositoryError(f'{path}: no `parameters {{ key: "targets" ... }}` block')

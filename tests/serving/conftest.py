@@ -8,7 +8,6 @@ session on free loopback ports; the tests are skipped only where no server binar
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import shutil
 import socket
@@ -24,11 +23,13 @@ from mol_props.infer import ModelMetadata
 from mol_props.serve import ServeError, TritonServer, bundled_server_dir
 from mol_props.triton_repo import populate_model_repository
 
+from ..conftest import b3db_rows
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMMITTED_REPOSITORY = REPO_ROOT / "triton_repo"
 ONNX_MODEL_NAME = "mol_props_onnx"
 TINY_HIDDEN = 16
-TINY_TARGETS = ["BBB+/BBB-"]
+TINY_TARGETS = ["bbb_probability"]
 
 
 @dataclasses.dataclass
@@ -124,7 +125,9 @@ def tiny_metadata(config: Config, targets: list[str] | None = None) -> ModelMeta
     )
 
 
-def build_tiny_model(folder: Path, config: Config, targets: list[str] | None = None) -> ServingModel:
+def build_tiny_model(
+    folder: Path, config: Config, targets: list[str] | None = None
+) -> ServingModel:
     folder.mkdir(parents=True, exist_ok=True)
     metadata = tiny_metadata(config, targets)
     model = ServingModel(
@@ -141,7 +144,7 @@ def build_tiny_model(folder: Path, config: Config, targets: list[str] | None = N
 
 @pytest.fixture(scope="session")
 def serving_model(request: pytest.FixtureRequest, tmp_path_factory) -> ServingModel:
-    """The project's real tiny export when tests/conftest.py provides it, else the ONNX stand-in."""
+    """The project's tiny trained export when tests/conftest.py provides it, else an ONNX one."""
     try:
         exported = request.getfixturevalue("exported_model")
     except pytest.FixtureLookupError:
@@ -214,10 +217,5 @@ def triton(
 
 
 def real_smiles(count: int) -> list[str]:
-    """The first `count` SMILES of B3DB (qc-b3db package): real molecules, some of them odd."""
-    import B3DB
-
-    path = Path(B3DB.__file__).parent / "B3DB_classification.tsv"
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle, delimiter="\t")
-        return [row["SMILES"] for _, row in zip(range(count), reader)]
+    """The first `count` SMILES of B3DB: real molecules, a few of them unparsable."""
+    return [row["SMILES"] for row in b3db_rows(count)]

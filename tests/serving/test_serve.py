@@ -21,12 +21,6 @@ from mol_props.triton_repo import rewrite_config
 from .conftest import copy_repository, require_server_binary, server_config
 
 READY_LINE = "Ctrl-C stops it."
-SERVE_CODE = (
-    "import sys\n"
-    "from mol_props.config import compose_config\n"
-    "from mol_props.serve import serve\n"
-    "sys.exit(serve(compose_config(sys.argv[1:])))\n"
-)
 
 
 def shared_memory() -> set[str]:
@@ -44,22 +38,37 @@ def overrides_for(config) -> list[str]:
     ]
 
 
-def wait_for_line(process: subprocess.Popen, marker: str, timeout_s: float) -> list[str]:
-    """Read the process's output until `marker` appears; fail after `timeout_s`."""
-    lines: list[str] = []
-    found = threading.Event()
+class OutputReader:
+    """Collects a process's output lines on a thread, so waiting for one never blocks forever."""
 
-    def reader() -> None:
-        for line in process.stdout:
-            lines.append(line)
-            if marker in line:
-                found.set()
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.lines: list[str] = []
+        self.process = process
+        self._marker = ""
+        self._found = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
 
-    threading.Thread(target=reader, daemon=True).start()
-    if not found.wait(timeout_s):
-        process.kill()
-        pytest.fail(f"no {marker!r} within {timeout_s} s:\n" + "".join(lines[-40:]))
-    return lines
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+            if self._marker and self._marker in line:
+                self._found.set()
+
+    def wait_for(self, marker: str, timeout_s: float) -> str:
+        self._marker = marker
+        if not (any(marker in line for line in self.lines) or self._found.wait(timeout_s)):
+            self.process.kill()
+            pytest.fail(f"no {marker!r} within {timeout_s} s:\n{self.tail()}")
+        return "".join(self.lines)
+
+    def finish(self, timeout_s: float) -> str:
+        """Everything the process printed, once it has exited and its pipe is drained."""
+        self._thread.join(timeout_s)
+        return "".join(self.lines)
+
+    def tail(self, count: int = 40) -> str:
+        return "".join(self.lines[-count:])
 
 
 @pytest.mark.slow
@@ -70,15 +79,15 @@ def test_serve_answers_then_stops_cleanly(filled_repository: Path, tmp_path: Pat
     before = shared_memory()
     # Its own session, like a shell job: Ctrl-C goes to the whole group, as a terminal sends it.
     process = subprocess.Popen(
-        [sys.executable, "-c", SERVE_CODE, *overrides_for(config)],
+        [sys.executable, "-m", "mol_props.commands", "serve", *overrides_for(config)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
     )
+    output = OutputReader(process)
     try:
-        lines = wait_for_line(process, READY_LINE, timeout_s=90)
-        printed = "".join(lines)
+        printed = output.wait_for(READY_LINE, timeout_s=90)
         assert f"http://127.0.0.1:{config.serving.http_port}" in printed
         assert f"grpc://127.0.0.1:{config.serving.grpc_port}" in printed
         children = psutil.Process(process.pid).children(recursive=True)
@@ -88,18 +97,19 @@ def test_serve_answers_then_stops_cleanly(filled_repository: Path, tmp_path: Pat
         predictor = TritonPredictor(f"http://127.0.0.1:{config.serving.http_port}", config)
         assert predictor.predict(["CCO"]).errors == [None]
         os.killpg(process.pid, signum)
-        assert process.wait(timeout=config.serving.stop_timeout_s + 20) == 0
+        code = process.wait(timeout=config.serving.stop_timeout_s + 30)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+    printed = output.finish(timeout_s=10)
+    assert code == 0, output.tail()
     _, alive = psutil.wait_procs(children, timeout=10)
     assert alive == []
     assert shared_memory() - before == set()
-    printed = "".join(lines)
     assert "tritonserver stopped" in printed
     # Triton itself released everything: serve had no leftovers to clean up.
-    assert "removed shared memory" not in printed
-    assert "Exit timeout expired" not in printed
+    assert "removed shared memory" not in printed, output.tail()
+    assert "Exit timeout expired" not in printed, output.tail()
 
 
 def test_serve_without_a_model_says_what_to_run(tmp_path: Path, capsys):

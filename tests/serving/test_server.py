@@ -215,7 +215,9 @@ def test_infer_command_file_mode_matches_local(
         writer.writerows([[f"m{i}", text] for i, text in enumerate(smiles)])
     remote_csv, local_csv = tmp_path / "remote.csv", tmp_path / "local.csv"
     config = triton.config
-    assert run(config, input_path=source, output_path=remote_csv, server=triton.urls[protocol]) == 0
+    assert (
+        run(config, input_path=source, output_path=remote_csv, server=triton.urls[protocol]) == 0
+    )
     local = LocalPredictor(triton.model.dynamic_onnx_path, triton.model.metadata, config.infer)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("mol_props.infer.local_predictor", lambda _config: local)
@@ -232,25 +234,33 @@ def test_infer_command_file_mode_matches_local(
                 assert remote_row[target] == ""
 
 
-def test_infer_command_smiles_mode_needs_no_torch(triton: RunningServer):
-    """The client path of `mol_props infer` in a fresh interpreter: JSON lines, no torch."""
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_infer_command_line_against_the_server_needs_no_torch(
+    triton: RunningServer, protocol: str
+):
+    """`mol_props infer --server URL --smiles ...` in a fresh interpreter: JSON lines, no torch."""
     code = (
-        "import json, sys\n"
-        "from mol_props.config import compose_config\n"
-        "from mol_props.infer import run\n"
-        "code = run(compose_config(), smiles=['CCO', 'C1CC'], server=sys.argv[1])\n"
+        "import json, runpy, sys\n"
+        "sys.argv = ['mol_props', 'infer', *sys.argv[1:]]\n"
+        "try:\n"
+        "    runpy.run_module('mol_props.commands', run_name='__main__')\n"
+        "    code = 0\n"
+        "except SystemExit as stop:\n"
+        "    code = stop.code or 0\n"
         "heavy = [name for name in ('torch', 'lightning', 'torch_geometric', 'mlflow')"
         " if name in sys.modules]\n"
         "print(json.dumps({'code': code, 'heavy': heavy}))\n"
     )
+    arguments = ["--server", triton.urls[protocol], "--smiles", '["CCO", "C1CC"]']
     result = subprocess.run(
-        [sys.executable, "-c", code, triton.urls["grpc"]],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, "-c", code, *arguments], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
     *records, summary = [json.loads(line) for line in result.stdout.splitlines()]
     assert summary == {"code": 0, "heavy": []}
     assert [record["smiles"] for record in records] == ["CCO", "C1CC"]
     assert records[0]["error"] is None and "unparsable" in records[1]["error"]
+    expected = local_predictions(triton, ["CCO"]).values[0]
+    for k, target in enumerate(triton.model.metadata.targets):
+        assert abs(records[0][target] - expected[k]) <= TOLERANCE
+        assert records[1][target] is None

@@ -16,7 +16,13 @@ from mol_props.config import compose_config
 from mol_props.featurize import Featurizer
 from mol_props.triton_repo import ModelRepositoryError, populate_model_repository, tensor_dims
 
-from .conftest import COMMITTED_REPOSITORY, REPO_ROOT, ServingModel, build_tiny_model, copy_repository
+from .conftest import (
+    COMMITTED_REPOSITORY,
+    REPO_ROOT,
+    ServingModel,
+    build_tiny_model,
+    copy_repository,
+)
 
 DataType = model_config_pb2.DataType
 MODEL_INPUTS = ["atom_features", "adjacency", "atom_mask", "descriptors"]
@@ -85,7 +91,10 @@ def test_configs_parse_complete_and_named_after_their_folders():
     assert configs["mol_props_featurizer"].backend == "python"
     assert configs["mol_props_onnx"].platform == "onnxruntime_onnx"
     assert configs["mol_props_trt"].platform == "tensorrt_plan"
-    assert configs["mol_props_trt"].instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert (
+        configs["mol_props_trt"].instance_group[0].kind
+        == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    )
 
 
 def test_public_interface_is_smiles_in_prediction_valid_error_out():
@@ -116,7 +125,8 @@ def test_committed_configs_match_the_default_featurizer():
     for name in ("mol_props_onnx", "mol_props_trt"):
         assert tensors(configs[name].input) == expected
     targets = json.loads(configs["mol_props"].parameters["targets"].string_value)
-    assert targets == config.data.target_columns
+    # What `mol_props export` writes with the default config (so it leaves this file alone).
+    assert targets == (config.data.target_names or config.data.target_columns)
 
 
 @pytest.mark.parametrize("variant", ["mol_props", "mol_props:tensorrt"])
@@ -133,7 +143,8 @@ def test_variants_differ_only_in_the_model_step():
     tensorrt_text = (COMMITTED_REPOSITORY / "mol_props" / "configs" / "tensorrt.pbtxt").read_text()
     onnx_config = text_format.Parse(onnx_text, model_config_pb2.ModelConfig())
     tensorrt_config = text_format.Parse(
-        tensorrt_text.replace('"mol_props_trt"', '"mol_props_onnx"'), model_config_pb2.ModelConfig()
+        tensorrt_text.replace('"mol_props_trt"', '"mol_props_onnx"'),
+        model_config_pb2.ModelConfig(),
     )
     assert onnx_config == tensorrt_config
 

@@ -63,48 +63,57 @@ class TritonPythonModel:
 
     def execute(self, requests: list) -> list:
         """Concatenate the batch's requests, run once, split the outputs back per request."""
-        try:
-            inputs = [self._inputs(request) for request in requests]
-        except ValueError as error:
-            return [pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error)))] * len(
-                requests
-            )
-        sizes = [len(request_inputs[0]) for request_inputs in inputs]
+        responses: list = [None] * len(requests)
+        inputs: dict[int, list[np.ndarray]] = {}
+        for i, request in enumerate(requests):
+            arrays = [
+                pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+                for name in self.input_names
+            ]
+            if len({len(array) for array in arrays}) > 1:
+                responses[i] = _error("the inputs of this request differ in batch size")
+            else:
+                inputs[i] = arrays
+        if not inputs:
+            return responses
         try:
             feed = {
-                name: np.concatenate([request_inputs[i] for request_inputs in inputs])
-                for i, name in enumerate(self.input_names)
+                name: _concatenate([arrays[k] for arrays in inputs.values()])
+                for k, name in enumerate(self.input_names)
             }
             outputs = self.session.run(self.output_names, feed)
-        except Exception:  # noqa: BLE001 - isolate the request that made the batch fail
-            return [self._run_one(request_inputs) for request_inputs in inputs]
-        responses = []
+        except Exception:  # a request that breaks the batch must fail alone: run them one by one
+            for i, arrays in inputs.items():
+                responses[i] = self._run(arrays)
+            return responses
         start = 0
-        for size in sizes:
+        for i, arrays in inputs.items():
+            size = len(arrays[0])
             tensors = [
                 pb_utils.Tensor(name, np.ascontiguousarray(output[start : start + size]))
                 for name, output in zip(self.output_names, outputs)
             ]
-            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
             start += size
         return responses
 
-    def _inputs(self, request) -> list[np.ndarray]:
-        arrays = [
-            pb_utils.get_input_tensor_by_name(request, name).as_numpy()
-            for name in self.input_names
-        ]
-        if len({len(array) for array in arrays}) > 1:
-            raise ValueError("inputs of one request differ in batch size")
-        return arrays
-
-    def _run_one(self, request_inputs: list[np.ndarray]):
+    def _run(self, arrays: list[np.ndarray]):
         try:
-            outputs = self.session.run(self.output_names, dict(zip(self.input_names, request_inputs)))
-        except Exception as error:  # noqa: BLE001 - the request's own error, not the server's
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error)))
-        tensors = [pb_utils.Tensor(name, output) for name, output in zip(self.output_names, outputs)]
+            outputs = self.session.run(self.output_names, dict(zip(self.input_names, arrays)))
+        except Exception as error:  # this request's own failure, reported to its client
+            return _error(str(error))
+        tensors = [
+            pb_utils.Tensor(name, output) for name, output in zip(self.output_names, outputs)
+        ]
         return pb_utils.InferenceResponse(output_tensors=tensors)
+
+
+def _concatenate(arrays: list[np.ndarray]) -> np.ndarray:
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _error(message: str):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
 
 
 def _check_tensors(kind: str, configured: list[dict], actual: list, batched: bool) -> None:

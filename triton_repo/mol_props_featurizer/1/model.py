@@ -5,10 +5,10 @@ numpy), rebuilt in `initialize` from the metadata `mol_props export` wrote next 
 molecule is featurized here exactly as in training and `mol_props infer`.
 
 Every molecule gets an answer. One that cannot be featurized gets `valid = false` and the
-featurizer's reason in `error`, and a placeholder graph (one atom, all features zero) goes on to the
-model so its row stays finite (an all-padding row could divide by zero atoms in mean pooling); its
-prediction means nothing and clients must read `valid`. A request is only refused as a whole when
-it is not a request for SMILES at all.
+featurizer's reason in `error`; a placeholder graph (one atom, all features zero) goes on to the
+model in its place so that its row stays finite (an all-padding row could divide by zero atoms in
+mean pooling). Its prediction means nothing: clients read `valid`. Only a request that is not a
+request for SMILES at all is refused, by Triton itself, before it reaches this code.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from mol_props.featurize import FeaturizationError, MoleculeGraph, pad_graphs
 from mol_props.infer import ModelMetadata
 
 METADATA_FILE = "model.json"  # written by mol_props.triton_repo.populate_model_repository
-GRAPH_OUTPUTS = ("atom_features", "adjacency", "atom_mask", "descriptors")
+NOT_UTF8 = "SMILES is not valid UTF-8"
 
 
 class TritonPythonModel:
@@ -33,9 +33,9 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"no model metadata at {metadata_path}: run `mol_props export` first"
             )
-        self.metadata = ModelMetadata.load(metadata_path)
-        self.featurizer = self.metadata.featurizer()
-        self.num_atoms = self.metadata.max_atoms
+        metadata = ModelMetadata.load(metadata_path)
+        self.featurizer = metadata.featurizer()
+        self.num_atoms = metadata.max_atoms
         self.descriptor_size = self.featurizer.descriptor_size
         self.atom_feature_size = self.featurizer.atom_feature_size
         self.placeholder = MoleculeGraph(
@@ -63,36 +63,56 @@ class TritonPythonModel:
             texts = _decode(pb_utils.get_input_tensor_by_name(request, "smiles").as_numpy())
             smiles.extend(texts)
             sizes.append(len(texts))
-        errors: list[str] = []
         graphs: list[MoleculeGraph] = []
-        for text, result in zip(smiles, self._featurize(smiles)):
+        errors: list[str] = []
+        for result in self._featurize(smiles):
             if isinstance(result, MoleculeGraph):
                 graphs.append(result)
                 errors.append("")
             else:
                 graphs.append(self.placeholder)
-                errors.append(result.reason if text is not None else "SMILES is not valid UTF-8")
+                errors.append(result)
         batch = pad_graphs(graphs, self.num_atoms, self.descriptor_size, self.atom_feature_size)
         arrays = batch.as_inputs()  # atom_features [B, N, F], adjacency [B, N, N], ...
-        arrays["error"] = np.array([[message.encode()] for message in errors], dtype=np.object_)
-        arrays["valid"] = np.array([[not message] for message in errors], dtype=bool)  # [B, 1]
+        arrays["valid"] = np.array([[not error] for error in errors], dtype=bool)  # [B, 1]
+        arrays["error"] = np.array([[error.encode()] for error in errors], dtype=np.object_)
         responses = []
         start = 0
         for size in sizes:
             tensors = [
-                pb_utils.Tensor(name, array[start : start + size]) for name, array in arrays.items()
+                pb_utils.Tensor(name, array[start : start + size])
+                for name, array in arrays.items()
             ]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += size
         return responses
 
-    def _featurize(self, smiles: list[str | None]) -> list[MoleculeGraph | FeaturizationError]:
-        # Undecodable bytes never reach RDKit; the empty string stands in and its error is replaced.
-        return self.featurizer.featurize_many(text if text is not None else "" for text in smiles)
+    def _featurize(self, smiles: list[str | None]) -> list[MoleculeGraph | str]:
+        """A graph or the reason why not, per molecule. Undecodable bytes never reach RDKit."""
+        texts = [text if text is not None else "" for text in smiles]
+        try:
+            results = self.featurizer.featurize_many(texts)
+        except Exception:  # an RDKit failure the featurizer did not foresee: find its molecule
+            results = [self._featurize_one(text) for text in texts]
+        outcomes: list[MoleculeGraph | str] = []
+        for text, result in zip(smiles, results):
+            if text is None:
+                outcomes.append(NOT_UTF8)
+            elif isinstance(result, FeaturizationError):
+                outcomes.append(result.reason)
+            else:
+                outcomes.append(result)
+        return outcomes
+
+    def _featurize_one(self, text: str) -> MoleculeGraph | FeaturizationError:
+        try:
+            return self.featurizer.featurize_many([text])[0]
+        except Exception as error:
+            return FeaturizationError(text, f"featurization failed: {type(error).__name__}")
 
 
 def _decode(values: np.ndarray) -> list[str | None]:
-    """[b, 1] object array of bytes -> str per molecule (None where not UTF-8)."""
+    """[b, 1] object array of bytes -> one str per molecule (None where not UTF-8)."""
     texts: list[str | None] = []
     for value in values.reshape(-1):
         try:

@@ -1,0 +1,116 @@
+"""Shared fixtures: small real molecules, an isolated workspace, and one tiny trained export.
+
+Everything runs offline: molecules come from the B3DB tables that the authors' package `qc-b3db`
+installs (no download), and every path a command writes goes to a temporary directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mol_props.config import Config, compose_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def b3db_rows(count: int, table: str = "B3DB_classification.tsv") -> list[dict[str, str]]:
+    """The first `count` rows of a B3DB table, read from the installed qc-b3db package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("B3DB")
+    assert spec is not None and spec.origin is not None, "qc-b3db is a dependency of mol_props"
+    with (Path(spec.origin).parent / table).open(newline="") as handle:
+        reader = csv.DictReader(handle, delimiter="\t")
+        return [row for _, row in zip(range(count), reader)]
+
+
+def write_molecule_csv(path: Path, count: int) -> Path:
+    """A CSV of `count` real B3DB molecules with columns smiles,label (BBB+ = 1)."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["smiles", "label"])
+        for row in b3db_rows(count):
+            writer.writerow([row["SMILES"], 1 if row["BBB+/BBB-"] == "BBB+" else 0])
+    return path
+
+
+def workspace_overrides(root: Path, data_path: Path) -> list[str]:
+    """Hydra overrides that point every path of a run into `root` and keep it offline."""
+    return [
+        "data=csv",
+        f"data.path={data_path}",
+        "data.dvc.enabled=false",
+        "data.split.kind=random",
+        f"preprocess.cache_dir={root / 'cache'}",
+        "preprocess.num_workers=1",
+        f"train.checkpoint_dir={root / 'checkpoints'}",
+        f"train.models_dir={root / 'models'}",
+        "train.progress=false",
+        f"export.checkpoint={root / 'models' / 'best.ckpt'}",
+        f"export.onnx_path={root / 'models' / 'model.onnx'}",
+        f"export.dynamic_onnx_path={root / 'models' / 'model_dynamic_atoms.onnx'}",
+        f"export.metadata_path={root / 'models' / 'model.json'}",
+        "export.dvc_track=false",
+        "export.parity_molecules=64",
+        f"infer.model_path={root / 'models' / 'model_dynamic_atoms.onnx'}",
+        f"infer.metadata_path={root / 'models' / 'model.json'}",
+        "infer.progress=false",
+        f"logging.plots_dir={root / 'plots'}",
+        f"logging.fallback_uri={root / 'plots' / 'mlruns'}",
+        # Nothing listens on port 9: the run logs to the local fallback store, quickly.
+        "logging.tracking_uri=http://127.0.0.1:9",
+        "logging.connect_timeout_s=0.5",
+        f"serving.triton_repo={root / 'triton_repo'}",
+    ]
+
+
+TINY_MODEL = [
+    "model.hidden_dim=32",
+    "model.num_layers=2",
+    "model.descriptor_hidden_dim=16",
+    "model.head_hidden_dim=32",
+    "train.max_epochs=3",
+    "train.batch_size=32",
+    "train.patience=10",
+]
+
+
+@dataclasses.dataclass
+class ExportedModel:
+    root: Path
+    config: Config
+    overrides: list[str]
+    models_dir: Path
+    onnx_path: Path
+    dynamic_onnx_path: Path
+    metadata_path: Path
+    test_metrics: dict[str, float]
+
+
+@pytest.fixture(scope="session")
+def exported_model(tmp_path_factory: pytest.TempPathFactory) -> ExportedModel:
+    """A tiny GNN trained for 3 epochs on 240 real molecules, exported to ONNX (shared)."""
+    from mol_props import export, train
+
+    root = tmp_path_factory.mktemp("exported")
+    shutil.copytree(REPO_ROOT / "triton_repo", root / "triton_repo")
+    data_path = write_molecule_csv(root / "molecules.csv", 240)
+    overrides = workspace_overrides(root, data_path) + TINY_MODEL
+    config = compose_config(overrides)
+    result = train.run(config)
+    exported = export.run(config)
+    return ExportedModel(
+        root=root,
+        config=config,
+        overrides=overrides,
+        models_dir=root / "models",
+        onnx_path=exported.onnx_path,
+        dynamic_onnx_path=exported.dynamic_onnx_path,
+        metadata_path=exported.metadata_path,
+        test_metrics=result.test_metrics,
+    )

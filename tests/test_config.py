@@ -1,0 +1,89 @@
+"""mol_props.config: every option of every group in configs/ composes into the typed schema with
+its own values, and a typo fails loudly instead of being ignored."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
+
+from mol_props.config import Config, compose_config, config_dir, to_flat_dict
+
+# Options that cannot compose alone: the value each needs, as the README tells users to give it.
+REQUIRED_WITH = {("data", "csv"): ["data.path=molecules.csv"]}
+
+
+def config_options() -> list[tuple[str, str]]:
+    """(group, option) for every YAML file in a group folder of configs/, nested groups too."""
+    root = config_dir()
+    return sorted(
+        (path.parent.relative_to(root).as_posix(), path.stem) for path in root.glob("*/**/*.yaml")
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Parametrized from the folder at collection time, so a new option file is tested unasked.
+    if "group_option" in metafunc.fixturenames:
+        options = config_options()
+        metafunc.parametrize("group_option", options, ids=[f"{g}={o}" for g, o in options])
+
+
+def node_for(config: Config, group: str) -> object:
+    node: object = config
+    for part in group.split("/"):
+        node = getattr(node, part)
+    return node
+
+
+def test_every_option_composes_with_its_own_values(group_option: tuple[str, str]):
+    group, option = group_option
+    extra = REQUIRED_WITH.get(group_option, [])
+    config = compose_config([f"{group}={option}", *extra])
+    assert isinstance(config, Config)
+    composed = dataclasses.asdict(node_for(config, group))
+    written = OmegaConf.to_container(
+        OmegaConf.load(config_dir() / group / f"{option}.yaml"), resolve=True
+    )
+    overridden = {override.split("=")[0].rsplit(".", 1)[-1] for override in extra}
+    for key, value in written.items():
+        if key == "defaults" or key in overridden:
+            continue
+        assert composed[key] == value, f"{group}={option}: {key}"
+
+
+def test_every_group_folder_is_a_config_section():
+    folders = {path.name for path in config_dir().iterdir() if path.is_dir()}
+    assert folders == {field.name for field in dataclasses.fields(Config)}
+    assert len(config_options()) >= len(folders)
+
+
+def test_config_dir_is_the_checkout_configs():
+    assert config_dir() == Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_override_is_applied_and_typed():
+    config = compose_config(["model.hidden_dim=7", "data/split=random", "train.learning_rate=0.5"])
+    assert config.model.hidden_dim == 7 and isinstance(config.model.hidden_dim, int)
+    assert config.data.split.kind == "random"
+    assert config.train.learning_rate == 0.5
+    flat = to_flat_dict(config)
+    assert flat["model.hidden_dim"] == "7" and flat["data.split.kind"] == "random"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "names"),
+    [
+        (["model.hiden_dim=3"], ConfigCompositionException, "hiden_dim"),
+        (["+model.hiden_dim=3"], ConfigKeyError, "hiden_dim"),
+        (["model.hidden_dim=three"], ValidationError, "three"),
+        (["model=dense_gn"], MissingConfigException, "dense_gn"),
+        (["data=csv"], MissingMandatoryValue, "path"),
+    ],
+)
+def test_mistakes_fail_loudly(overrides: list[str], error: type[Exception], names: str):
+    with pytest.raises(error, match=names):
+        compose_config(overrides)

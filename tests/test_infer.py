@@ -1,0 +1,594 @@
+"""`mol_props infer`: command-line parsing, per-molecule errors, file mode, size buckets, the
+torch-free import rule, the composed-config cache, and pulling a missing model with DVC.
+
+Most runs go through fire in this process (fast); the ones that must prove something about a
+fresh process (imports, worker processes, a clone without the model) start one.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import fire
+import numpy as np
+import pytest
+
+from mol_props import infer
+from mol_props.commands import Commands
+from mol_props.config import compose_config
+from mol_props.infer import (
+    InferenceError,
+    LocalPredictor,
+    ModelMetadata,
+    compose_config_cached,
+    parse_smiles_argument,
+    read_smiles_file,
+)
+
+from .conftest import REPO_ROOT, ExportedModel, b3db_rows
+
+# Never imported by `mol_props infer` (DESIGN.md: featurize -> infer stays light).
+HEAVY_MODULES = [
+    "torch",
+    "torch_geometric",
+    "lightning",
+    "lightning_fabric",
+    "mlflow",
+    "dvc",
+    "pandas",
+    "onnx",
+    "tritonclient",
+    "matplotlib",
+    "sklearn",
+]
+BUCKET_TOLERANCE = 1e-5
+LONG_CHAIN = "C" * 200  # more heavy atoms than max_atoms (128)
+
+
+@pytest.fixture(autouse=True)
+def config_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Composed configs are cached under $XDG_CACHE_HOME: keep them out of the real home."""
+    cache = tmp_path_factory.getbasetemp() / "xdg-cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    return cache
+
+
+def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """`mol_props ARGS` in this process through fire: (exit code, stdout, stderr)."""
+    try:
+        fire.Fire(Commands, command=list(args), name="mol_props")
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def run_process(
+    args: list[str], cwd: Path = REPO_ROOT, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m mol_props.commands ARGS` in a new process."""
+    return subprocess.run(
+        [sys.executable, "-m", "mol_props.commands", *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def target_of(model: ExportedModel) -> str:
+    """The name of the model's (first) output column."""
+    return ModelMetadata.load(model.metadata_path).targets[0]
+
+
+def local_overrides(model: ExportedModel) -> list[str]:
+    # One process: in-process tests must not fork pytest (it holds torch from the fixture).
+    return [*model.overrides, "infer.num_workers=1"]
+
+
+# --- --smiles as the shell hands it over ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("typed", "expected"),
+    [
+        ("CCO", ["CCO"]),
+        ("[H]", ["[H]"]),  # not a Python list
+        ("[Na+].[Cl-]", ["[Na+].[Cl-]"]),
+        ("C#N", ["C#N"]),
+        ("1", ["1"]),
+        ("CCO,c1ccccc1", ["CCO", "c1ccccc1"]),
+        ("CCO, c1ccccc1 ", ["CCO", "c1ccccc1"]),
+        ('["CCO","c1ccccc1"]', ["CCO", "c1ccccc1"]),
+        (("CCO", "C(=O)O"), ["CCO", "C(=O)O"]),
+        ("", [""]),
+        (None, []),
+    ],
+)
+def test_parse_smiles_argument(typed: object, expected: list[str]):
+    assert parse_smiles_argument(typed) == expected
+
+
+@pytest.mark.parametrize("smiles", ["[H]", "C#N", "C(=O)O", "CC(C)(C)O", "O=C=O", "[2H]C"])
+def test_fire_hands_smiles_over_unmangled(
+    exported_model: ExportedModel, capsys: pytest.CaptureFixture, smiles: str
+):
+    """fire evaluates flag values as Python: "[H]" would become ['H'] and "C#N" would become "C"
+    ('#' starts a comment). Each must reach the model exactly as typed."""
+    code, out, err = run_cli(capsys, "infer", "--smiles", smiles, *local_overrides(exported_model))
+    assert code == 0, err
+    (record,) = json_lines(out)
+    assert record["smiles"] == smiles
+    assert record["error"] is None
+    expected = infer.local_predictor(exported_model.config).predict([smiles]).values[0, 0]
+    assert record[target_of(exported_model)] == pytest.approx(float(expected))
+
+
+def test_several_smiles_one_json_object_each_in_order(
+    exported_model: ExportedModel, capsys: pytest.CaptureFixture
+):
+    code, out, err = run_cli(
+        capsys, "infer", "--smiles", "CCO,c1ccccc1,CC(=O)O", *local_overrides(exported_model)
+    )
+    assert code == 0, err
+    records = json_lines(out)
+    assert [record["smiles"] for record in records] == ["CCO", "c1ccccc1", "CC(=O)O"]
+    target = target_of(exported_model)
+    assert set(records[0]) == {"smiles", target, "error"}
+    assert all(0.0 <= record[target] <= 1.0 for record in records)  # BBB+ probabilities
+
+
+def test_bad_molecules_get_reasons_and_never_fail_the_batch(
+    exported_model: ExportedModel, capsys: pytest.CaptureFixture
+):
+    typed = ["CCO", "C1CC", "", "C(C)(C)(C)(C)C", LONG_CHAIN, "[Zz]", "  c1ccccc1O "]
+    code, out, err = run_cli(
+        capsys, "infer", "--smiles", json.dumps(typed), *local_overrides(exported_model)
+    )
+    assert code == 0, err  # some molecules were predicted
+    assert "Traceback" not in err
+    records = {record["smiles"]: record for record in json_lines(out)}
+    target = target_of(exported_model)
+    assert records["CCO"]["error"] is None and records["CCO"][target] is not None
+    assert records["c1ccccc1O"]["error"] is None  # stray whitespace around a SMILES is fine
+    assert "syntax" in records["C1CC"]["error"]
+    assert records[""]["error"] == "empty SMILES"
+    assert "valence" in records["C(C)(C)(C)(C)C"]["error"]
+    assert "max_atoms" in records[LONG_CHAIN]["error"]
+    assert records["[Zz]"]["error"] is not None
+    assert all(record[target] is None for record in records.values() if record["error"])
+
+
+def test_salts_and_unknown_elements_are_predicted(exported_model: ExportedModel):
+    """A salt is reduced to its largest organic fragment; an element outside the vocabulary
+    falls into the featurizer's unknown slot instead of failing."""
+    predictor = infer.local_predictor(exported_model.config)
+    predictions = predictor.predict(["CC(=O)[O-].[Na+]", "CC(=O)[O-]", "[Xe]", "CC O"])
+    assert predictions.errors[:3] == [None, None, None]
+    assert predictions.values[0, 0] == predictions.values[1, 0]
+    assert "whitespace" in predictions.errors[3]
+
+
+def test_only_invalid_smiles_exits_non_zero(
+    exported_model: ExportedModel, capsys: pytest.CaptureFixture
+):
+    code, out, err = run_cli(
+        capsys, "infer", "--smiles", "C1CC,not_a_smiles", *local_overrides(exported_model)
+    )
+    assert code == 1
+    assert [record["error"] is not None for record in json_lines(out)] == [True, True]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--smiles", "CCO", "--smiles", "CCC"], "more than once"),
+        (["--smiles", "CCO", "c1ccccc1"], "not a config override"),
+        ([], "nothing to predict"),
+        (["--smiles", "CCO", "--input", "x.csv", "--output", "y.csv"], "not both"),
+        (["--input", "x.csv"], "--input needs --output"),
+        (["--smiles", "CCO", "infer.no_such_key=1"], "configuration"),
+    ],
+)
+def test_unusable_requests_exit_2_with_a_message(
+    exported_model: ExportedModel,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    message: str,
+):
+    # Repeated flags are detected on the real command line.
+    monkeypatch.setattr(sys, "argv", ["mol_props", "infer", *args])
+    code, out, err = run_cli(capsys, "infer", *args, *local_overrides(exported_model))
+    assert code == 2
+    assert message in err
+    assert out == "" and "Traceback" not in err
+
+
+# --- files --------------------------------------------------------------------------------------
+
+
+def write_table(path: Path, header: list[str], rows: list[list[str]], delimiter: str = ","):
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle, delimiter=delimiter)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_csv_file_keeps_every_row_and_column_in_order(
+    exported_model: ExportedModel, capsys: pytest.CaptureFixture, tmp_path: Path
+):
+    target = target_of(exported_model)
+    molecules = [row["SMILES"] for row in b3db_rows(30)]
+    smiles = molecules[:10] + ["C1CC", "", LONG_CHAIN] + molecules[10:]
+    rows = [[f"id{i}", text, str(i % 2)] for i, text in enumerate(smiles)]
+    # B3DB spells the column "SMILES": found although infer.smiles_column is "smiles". The third
+    # column holds true labels under the target's own name: kept, predictions go beside it.
+    source = write_table(tmp_path / "in.csv", ["id", "SMILES", target], rows)
+    output = tmp_path / "out" / "preds.csv"
+    code, out, err = run_cli(
+        capsys,
+        "infer",
+        "--input",
+        str(source),
+        "--output",
+        str(output),
+        *local_overrides(exported_model),
+        "infer.chunk_size=7",  # several chunks
+    )
+    assert code == 0, err
+    written = read_rows(output)
+    predicted = f"mol_props_{target}"
+    assert list(written[0]) == ["id", "SMILES", target, predicted, "error"]
+    assert f"the input has a column {target!r}; writing {predicted!r}" in err
+    assert [[row["id"], row["SMILES"], row[target]] for row in written] == rows
+    failed = [row for row in written if row["error"]]
+    assert [row["SMILES"] for row in failed] == ["C1CC", "", LONG_CHAIN]
+    assert all(row[predicted] == "" for row in failed)
+    expected = infer.local_predictor(exported_model.config).predict(molecules)
+    values = [float(row[predicted]) for row in written if not row["error"]]
+    np.testing.assert_allclose(values, expected.values[:, 0], atol=1e-5)
+    assert f"{len(molecules)} ok, 3 failed -> {output}" in err
+    assert out == ""  # stdout stays free for --smiles JSON
+
+
+def test_smi_file_with_names_and_a_header(
+    exported_model: ExportedModel, capsys: pytest.CaptureFixture, tmp_path: Path
+):
+    source = tmp_path / "in.smi"
+    source.write_text("SMILES Name\nCCO ethanol\nc1ccccc1\tbenzene\nC1CC broken ring\n\n")
+    output = tmp_path / "preds.csv"
+    code, _, err = run_cli(
+        capsys,
+        "infer",
+        "--input",
+        str(source),
+        "--output",
+        str(output),
+        *local_overrides(exported_model),
+    )
+    assert code == 0, err
+    written = read_rows(output)
+    assert [(row["smiles"], row["name"]) for row in written] == [
+        ("CCO", "ethanol"),
+        ("c1ccccc1", "benzene"),
+        ("C1CC", "broken ring"),
+        ("", ""),
+    ]
+    assert [bool(row["error"]) for row in written] == [False, False, True, True]
+    assert "2 ok, 2 failed" in err
+
+
+def test_header_only_file_gives_a_header_only_output(
+    exported_model: ExportedModel, capsys: pytest.CaptureFixture, tmp_path: Path
+):
+    source = write_table(tmp_path / "in.tsv", ["smiles", "note"], [], delimiter="\t")
+    output = tmp_path / "preds.csv"
+    code, _, err = run_cli(
+        capsys, "infer", "--input", str(source), "--output", str(output), *exported_model.overrides
+    )
+    assert code == 0, err
+    target = target_of(exported_model)
+    assert output.read_text().strip() == f"smiles,note,{target},error"
+    assert "0 ok, 0 failed" in err
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("in.csv", "id,structure\n1,CCO\n", "has no column 'smiles'"),
+        ("in.csv", "", "is empty"),
+        ("in.csv", b"smiles\n\xff\xfe\x00CCO\n", "cannot read"),
+        ("in.sdf", "CCO\n", "unsupported file type .sdf"),
+        ("missing.csv", None, "does not exist"),
+    ],
+)
+def test_bad_input_files_exit_2_and_leave_no_output(
+    exported_model: ExportedModel,
+    capsys: pytest.CaptureFixture,
+    tmp_path: Path,
+    name: str,
+    content: str | bytes | None,
+    message: str,
+):
+    source = tmp_path / name
+    if isinstance(content, bytes):
+        source.write_bytes(content)
+    elif content is not None:
+        source.write_text(content)
+    output = tmp_path / "preds.csv"
+    code, out, err = run_cli(
+        capsys, "infer", "--input", str(source), "--output", str(output), *exported_model.overrides
+    )
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert not output.exists()
+    assert list(tmp_path.glob(".*partial")) == []
+
+
+def test_output_may_not_overwrite_the_input(
+    exported_model: ExportedModel, capsys: pytest.CaptureFixture, tmp_path: Path
+):
+    source = write_table(tmp_path / "in.csv", ["smiles"], [["CCO"]])
+    code, _, err = run_cli(
+        capsys, "infer", "--input", str(source), "--output", str(source), *exported_model.overrides
+    )
+    assert code == 2 and "overwrite the input" in err
+    assert source.read_text().splitlines() == ["smiles", "CCO"]
+
+
+def test_reading_streams_in_chunks(tmp_path: Path):
+    source = write_table(tmp_path / "in.csv", ["smiles"], [["C" * (i + 1)] for i in range(10)])
+    chunks = list(read_smiles_file(source, "smiles", chunk_size=4))
+    assert [len(chunk.rows) for chunk in chunks] == [4, 4, 2]
+    assert chunks[2].smiles == ["C" * 9, "C" * 10]
+
+
+# --- buckets -----------------------------------------------------------------------------------
+
+
+def test_predictions_identical_across_atom_buckets(exported_model: ExportedModel):
+    """Padding to 32/64/128 by size, all to 128, or the fixed-shape Triton model: same numbers."""
+    smiles = [row["SMILES"] for row in b3db_rows(400)]
+    metadata = ModelMetadata.load(exported_model.metadata_path)
+    config = exported_model.config.infer
+    predictors = {
+        "buckets": LocalPredictor(
+            exported_model.dynamic_onnx_path,
+            metadata,
+            dataclasses.replace(config, atom_buckets=[32, 64, 128]),
+        ),
+        "all 128": LocalPredictor(
+            exported_model.dynamic_onnx_path,
+            metadata,
+            dataclasses.replace(config, atom_buckets=[128]),
+        ),
+        "fixed model.onnx": LocalPredictor(exported_model.onnx_path, metadata, config),
+    }
+    results = {name: predictor.predict(smiles) for name, predictor in predictors.items()}
+    assert predictors["buckets"].buckets == [32, 64, 128]
+    assert predictors["fixed model.onnx"].buckets == [metadata.max_atoms]
+    # Every bucket is exercised: molecules of <= 32, 33-64 and > 64 heavy atoms.
+    sizes = [
+        graph.num_atoms
+        for graph in predictors["buckets"].featurizer.featurize_many(smiles)
+        if not isinstance(graph, Exception)
+    ]
+    assert min(sizes) <= 32 and any(32 < size <= 64 for size in sizes) and max(sizes) > 64
+    reference = results["buckets"]
+    for name, result in results.items():
+        assert result.errors == reference.errors, name
+        valid = ~np.isnan(reference.values)
+        assert np.array_equal(valid, ~np.isnan(result.values)), name
+        difference = np.max(np.abs(result.values[valid] - reference.values[valid]))
+        assert difference <= BUCKET_TOLERANCE, f"{name}: max |diff| {difference:.2e}"
+
+
+# --- fresh processes: imports, workers ----------------------------------------------------------
+
+PROBE = textwrap.dedent(
+    """
+    import json, sys
+    import multiprocessing.context
+
+    heavy = json.loads(sys.argv[1])
+    sys.argv = ["mol_props", "infer", *json.loads(sys.argv[2])]
+    pools = []  # the worker count of every process pool started
+    start_pool = multiprocessing.context.BaseContext.Pool
+
+    def counting_pool(self, processes=None, *args, **kwargs):
+        pools.append(processes)
+        return start_pool(self, processes, *args, **kwargs)
+
+    multiprocessing.context.BaseContext.Pool = counting_pool
+    from mol_props import commands
+    try:
+        commands.main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    loaded = sorted(name for name in heavy if name in sys.modules)
+    report = {"code": code, "heavy": loaded, "pools": pools}
+    print("PROBE " + json.dumps(report), file=sys.stderr)
+    """
+)
+
+
+def probe(args: list[str], cache: Path) -> tuple[dict, subprocess.CompletedProcess]:
+    """Run `mol_props infer ARGS` in a fresh interpreter; report exit code and heavy imports."""
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(HEAVY_MODULES), json.dumps(args)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "XDG_CACHE_HOME": str(cache)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = [line for line in result.stderr.splitlines() if line.startswith("PROBE ")]
+    assert lines, result.stderr
+    return json.loads(lines[-1][len("PROBE ") :]), result
+
+
+def test_smiles_mode_never_imports_torch(exported_model: ExportedModel, config_cache: Path):
+    # Twice: the first run composes the config with Hydra, the second reads the cached one.
+    for _ in range(2):
+        report, result = probe(["--smiles", "CCO", *exported_model.overrides], config_cache)
+        assert report == {"code": 0, "heavy": [], "pools": []}, result.stderr
+        (record,) = json_lines(result.stdout)
+        assert record["smiles"] == "CCO" and record["error"] is None
+
+
+def test_file_mode_with_worker_processes_never_imports_torch(
+    exported_model: ExportedModel, config_cache: Path, tmp_path: Path
+):
+    """Several chunks over two worker processes: same rows, same order, same numbers as one
+    process, and still no torch."""
+    smiles = [row["SMILES"] for row in b3db_rows(150)] + ["C1CC"]
+    source = write_table(
+        tmp_path / "in.csv", ["n", "smiles"], [[str(i), s] for i, s in enumerate(smiles)]
+    )
+    outputs = {}
+    for workers in (1, 2):
+        outputs[workers] = tmp_path / f"preds-{workers}.csv"
+        args = ["--input", str(source), "--output", str(outputs[workers])]
+        overrides = [f"infer.num_workers={workers}", "infer.chunk_size=16"]
+        report, result = probe([*args, *exported_model.overrides, *overrides], config_cache)
+        pools = [] if workers == 1 else [workers]
+        assert report == {"code": 0, "heavy": [], "pools": pools}, result.stderr
+        assert f"{len(smiles) - 1} ok, 1 failed" in result.stderr
+    single, pooled = read_rows(outputs[1]), read_rows(outputs[2])
+    assert [row["n"] for row in pooled] == [str(i) for i in range(len(smiles))]
+    target = target_of(exported_model)
+    for one, other in zip(single, pooled):
+        assert one["error"] == other["error"]
+        if one[target]:
+            assert float(one[target]) == pytest.approx(float(other[target]), abs=1e-5)
+
+
+# --- the composed-config cache -------------------------------------------------------------------
+
+
+def test_cached_config_equals_a_fresh_composition(config_cache: Path):
+    overrides = ["infer.batch_size=17", "model.hidden_dim=48"]
+    first = compose_config_cached(overrides)
+    entries = list((config_cache / "mol_props").glob("config-*.json"))
+    assert entries, "the composed config was not cached"
+    second = compose_config_cached(overrides)  # read back from the cache
+    assert first == second == compose_config(overrides)
+    assert second.infer.batch_size == 17
+    for entry in entries:
+        entry.write_text("{not json")  # a damaged entry is recomposed, not trusted
+    assert compose_config_cached(overrides) == first
+
+
+def test_config_missing_marker_matches_omegaconf():
+    import omegaconf
+
+    from mol_props import config
+
+    assert config.MISSING == omegaconf.MISSING
+
+
+def test_bad_override_is_a_clear_error():
+    with pytest.raises(InferenceError, match="configuration"):
+        compose_config_cached(["infer.batch_size=lots"])
+
+
+# --- a model from DVC, or a message saying how to make one ---------------------------------------
+
+
+def test_no_model_anywhere_names_the_commands_that_make_one(
+    exported_model: ExportedModel, capsys: pytest.CaptureFixture, tmp_path: Path
+):
+    empty = tmp_path / "models"
+    code, out, err = run_cli(
+        capsys,
+        "infer",
+        "--smiles",
+        "CCO",
+        *exported_model.overrides,
+        f"train.models_dir={empty}",
+        f"infer.model_path={empty / 'model_dynamic_atoms.onnx'}",
+        f"infer.metadata_path={empty / 'model.json'}",
+    )
+    assert code == 2 and out == ""
+    assert "mol_props train" in err and "mol_props export" in err
+    assert "Traceback" not in err
+
+
+def git(*args: str, cwd: Path) -> None:
+    subprocess.run(
+        ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", *args],
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+def test_fresh_clone_pulls_the_model_from_the_dvc_remote(
+    exported_model: ExportedModel, config_cache: Path, tmp_path: Path
+):
+    """A repository whose exported model was `dvc push`ed: its clone infers without training."""
+    from dvc.repo import Repo
+
+    origin, storage, clone = tmp_path / "origin", tmp_path / "storage", tmp_path / "clone"
+    origin.mkdir()
+    shutil.copytree(exported_model.models_dir, origin / "models")
+    git("init", "-q", cwd=origin)
+    Repo.init(str(origin)).close()
+    (origin / ".dvc" / "config").write_text(
+        f"[core]\n    remote = local\n['remote \"local\"']\n    url = {storage}\n"
+    )
+    with Repo(str(origin)) as repo:
+        repo.add(str(origin / "models"))
+        repo.push()
+    git("add", "-A", cwd=origin)
+    git("commit", "-q", "-m", "model in DVC", cwd=origin)
+    git("clone", "-q", str(origin), str(clone), cwd=tmp_path)
+    assert (clone / "models.dvc").is_file() and not (clone / "models").exists()
+
+    result = run_process(
+        [
+            "infer",
+            "--smiles",
+            "CCO",
+            *exported_model.overrides,
+            "data.dvc.enabled=true",
+            "train.models_dir=models",  # relative: the clone is the working directory
+            "infer.model_path=models/model_dynamic_atoms.onnx",
+            "infer.metadata_path=models/model.json",
+        ],
+        cwd=clone,
+        env={"XDG_CACHE_HOME": str(config_cache)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "pulled" in result.stderr
+    (record,) = json_lines(result.stdout)  # nothing but predictions on stdout
+    expected = infer.local_predictor(exported_model.config).predict(["CCO"]).values[0, 0]
+    target = target_of(exported_model)
+    assert record[target] == pytest.approx(float(expected), abs=1e-6)
+    assert (
+        clone / "models" / "model.json"
+    ).read_text() == exported_model.metadata_path.read_text()

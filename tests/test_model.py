@@ -1,0 +1,93 @@
+"""The dense GNN: padded atoms contribute nothing, atom order does not matter, shapes hold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mol_props.config import compose_config
+from mol_props.featurize import Featurizer, pad_graphs
+from mol_props.model import MoleculeGNN, PredictionModel
+
+MOLECULES = ["CCO", "c1ccccc1O", "CC(=O)[O-]", "C[C@H](N)C(=O)O", "CN1C=NC2=C1C(=O)N(C(=O)N2C)C"]
+
+
+@pytest.fixture(scope="module", params=["gin", "graph"])
+def network(request: pytest.FixtureRequest) -> tuple[MoleculeGNN, Featurizer]:
+    config = compose_config([f"model.conv={request.param}", "model.dropout=0.0"])
+    featurizer = Featurizer(config.preprocess)
+    torch.manual_seed(0)
+    model = MoleculeGNN(featurizer.atom_feature_size, featurizer.descriptor_size, 2, config.model)
+    # Non-trivial descriptor scaling, as after training.
+    model.set_descriptor_scaling(
+        torch.linspace(0, 50, featurizer.descriptor_size), torch.linspace(1, 20, featurizer.descriptor_size)
+    )
+    return model.eval(), featurizer
+
+
+def _run(model: MoleculeGNN, inputs: dict[str, np.ndarray]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(*(torch.from_numpy(inputs[name]) for name in
+                       ("atom_features", "adjacency", "atom_mask", "descriptors")))
+
+
+def test_output_has_one_value_per_target(network):
+    model, featurizer = network
+    graphs = [featurizer(smiles) for smiles in MOLECULES]
+    inputs = pad_graphs(graphs, 32, featurizer.descriptor_size, len(featurizer)).as_inputs()
+    output = _run(model, inputs)
+    assert output.shape == (len(MOLECULES), 2)
+    assert torch.isfinite(output).all()
+
+
+def test_padding_size_does_not_change_predictions(network):
+    model, featurizer = network
+    graphs = [featurizer(smiles) for smiles in MOLECULES]
+    small = _run(model, pad_graphs(graphs, 14, featurizer.descriptor_size, len(featurizer)).as_inputs())
+    large = _run(model, pad_graphs(graphs, 128, featurizer.descriptor_size, len(featurizer)).as_inputs())
+    torch.testing.assert_close(small, large, rtol=0, atol=1e-5)
+
+
+def test_garbage_in_padded_atoms_is_ignored(network):
+    model, featurizer = network
+    graphs = [featurizer(smiles) for smiles in MOLECULES]
+    inputs = pad_graphs(graphs, 40, featurizer.descriptor_size, len(featurizer)).as_inputs()
+    clean = _run(model, inputs)
+    noisy = {name: array.copy() for name, array in inputs.items()}
+    padding = noisy["atom_mask"] == 0  # [B, N]
+    noisy["atom_features"][padding] = np.random.default_rng(0).normal(
+        size=noisy["atom_features"][padding].shape
+    )
+    torch.testing.assert_close(clean, _run(model, noisy), rtol=0, atol=1e-5)
+
+
+def test_atom_order_does_not_change_predictions(network):
+    model, featurizer = network
+    graph = featurizer("CN1C=NC2=C1C(=O)N(C(=O)N2C)C")  # caffeine, 14 heavy atoms
+    inputs = pad_graphs([graph], 20, featurizer.descriptor_size, len(featurizer)).as_inputs()
+    order = np.random.default_rng(1).permutation(graph.num_atoms)
+    permuted = {name: array.copy() for name, array in inputs.items()}
+    permuted["atom_features"][0, : graph.num_atoms] = graph.atom_features[order]
+    permuted["adjacency"][0, : graph.num_atoms, : graph.num_atoms] = graph.adjacency[order][:, order]
+    assert not np.array_equal(permuted["atom_features"], inputs["atom_features"])
+    torch.testing.assert_close(_run(model, inputs), _run(model, permuted), rtol=0, atol=1e-5)
+
+
+def test_different_molecules_get_different_predictions(network):
+    model, featurizer = network
+    graphs = [featurizer("CCO"), featurizer("c1ccccc1O")]
+    output = _run(model, pad_graphs(graphs, 16, featurizer.descriptor_size, len(featurizer)).as_inputs())
+    assert not torch.allclose(output[0], output[1])
+
+
+def test_prediction_model_returns_probability_or_original_units(network):
+    model, featurizer = network
+    graphs = [featurizer(smiles) for smiles in MOLECULES]
+    inputs = pad_graphs(graphs, 32, featurizer.descriptor_size, len(featurizer)).as_inputs()
+    raw = _run(model, inputs)
+    mean, std = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 3.0])
+    classifier = PredictionModel(model, "classification", mean, std).eval()
+    regressor = PredictionModel(model, "regression", mean, std).eval()
+    torch.testing.assert_close(_run(classifier, inputs), torch.sigmoid(raw))
+    torch.testing.assert_close(_run(regressor, inputs), raw * std + mean)

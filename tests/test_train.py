@@ -1,0 +1,247 @@
+"""Training on real molecules: the loss falls, an interrupted run resumes to the same weights,
+metrics reach a real MLflow server, and a missing server neither hangs nor fails the run."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mol_props import train
+from mol_props.config import compose_config
+from mol_props.data import prepare_data
+from mol_props.featurize import Featurizer
+from mol_props.model import MoleculeGNN
+from tests.conftest import REPO_ROOT, TINY_MODEL, workspace_overrides, write_molecule_csv
+
+
+@pytest.fixture(scope="module")
+def molecules_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_molecule_csv(tmp_path_factory.mktemp("train_data") / "molecules.csv", 200)
+
+
+def _config(root: Path, data_path: Path, *extra: str):
+    return compose_config(
+        workspace_overrides(root, data_path) + TINY_MODEL + ["train.export_after=false", *extra]
+    )
+
+
+def test_a_few_steps_lower_the_loss(tmp_path, molecules_csv):
+    config = _config(tmp_path, molecules_csv)
+    data = prepare_data(config.data, config.preprocess, progress=False)
+    featurizer = Featurizer(config.preprocess)
+    torch.manual_seed(0)
+    network = MoleculeGNN(featurizer.atom_feature_size, featurizer.descriptor_size, 1, config.model)
+    descriptors = np.stack([graph.descriptors for graph in data.graphs])
+    network.set_descriptor_scaling(
+        torch.from_numpy(descriptors.mean(0)), torch.from_numpy(descriptors.std(0))
+    )
+    batch = train.collate(list(zip(data.graphs, data.targets)))
+    optimizer = torch.optim.Adam(network.parameters(), lr=3e-3)
+
+    def loss() -> torch.Tensor:
+        outputs = network(
+            batch["atom_features"], batch["adjacency"], batch["atom_mask"], batch["descriptors"]
+        )
+        return train.masked_loss(outputs, batch["targets"], "classification")
+
+    network.eval()
+    with torch.no_grad():
+        before = loss().item()
+    network.train()
+    for _ in range(50):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    network.eval()
+    with torch.no_grad():
+        after = loss().item()
+    assert after < 0.85 * before, (before, after)
+
+
+def test_masked_loss_ignores_missing_targets():
+    outputs = torch.tensor([[0.3, 5.0], [-1.0, 2.0]])
+    targets = torch.tensor([[1.0, float("nan")], [0.0, float("nan")]])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        outputs[:, 0], targets[:, 0]
+    )
+    torch.testing.assert_close(train.masked_loss(outputs, targets, "classification"), expected)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def test_resumed_run_ends_with_the_same_weights(tmp_path, molecules_csv, monkeypatch):
+    uninterrupted = train.run(_config(tmp_path / "full", molecules_csv, "train.max_epochs=4"))
+    expected = _weights(uninterrupted.checkpoint)
+
+    interrupted_root = tmp_path / "interrupted"
+    real_validate = train.validate
+    calls = {"count": 0}
+
+    def validate_then_die(*args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == 3:  # Ctrl-C during epoch 3: epochs 1-2 are in last.ckpt
+            raise KeyboardInterrupt
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "validate", validate_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(_config(interrupted_root, molecules_csv, "train.max_epochs=4"))
+    monkeypatch.setattr(train, "validate", real_validate)
+    stopped = torch.load(interrupted_root / "checkpoints" / "last.ckpt", weights_only=False)
+    assert stopped["epoch"] == 2
+
+    resumed = train.run(
+        _config(interrupted_root, molecules_csv, "train.max_epochs=4", "train.resume=true")
+    )
+    assert resumed.epochs_run == 4
+    actual = _weights(resumed.checkpoint)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+    assert resumed.test_metrics == uninterrupted.test_metrics
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, molecules_csv):
+    with pytest.raises(FileNotFoundError, match="last.ckpt"):
+        train.run(_config(tmp_path, molecules_csv, "train.resume=true"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` on a free loopback port, for this module."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+        ],
+        stdout=(root / "server.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            if process.poll() is not None:
+                pytest.fail(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("mlflow server did not become healthy in 120 s")
+    yield url
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def test_run_is_logged_to_a_real_mlflow_server(tmp_path, molecules_csv, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    config = _config(
+        tmp_path,
+        molecules_csv,
+        f"logging.tracking_uri={mlflow_server}",
+        "logging.experiment_name=test-logging",
+        "logging.run_name=logged-run",
+        "train.max_epochs=2",
+    )
+    result = train.run(config)
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("test-logging")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "logged-run"
+    assert run.data.params["model.hidden_dim"] == "32"
+    assert run.data.params["train.max_epochs"] == "2"
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    assert run.data.tags["mlflow.source.git.commit"] == commit
+    assert run.data.tags["git_dirty"] in {"true", "false"}
+    assert len(run.data.tags["data_md5"]) == 32
+    history = client.get_metric_history(run.info.run_id, "val_roc_auc")
+    assert [point.step for point in history] == [1, 2]
+    assert run.data.metrics["test_roc_auc"] == pytest.approx(result.test_metrics["roc_auc"])
+    for name in ("train_loss", "val_loss", "val_pr_auc", "val_mcc", "val_brier", "test_f1"):
+        assert name in run.data.metrics, name
+    artifacts = {item.path for item in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/learning_curves.png", "plots/roc.png", "plots/calibration.png"} <= artifacts
+    assert {item.path for item in client.list_artifacts(run.info.run_id, "model")} == {
+        "model/best.ckpt"
+    }
+    # ... and the same figures and the log are in plots/<run>/.
+    for name in ("learning_curves.png", "roc.png", "pr.png", "calibration.png", "train.log"):
+        assert (result.run_directory / name).is_file(), name
+
+
+def test_training_completes_when_the_server_is_down(tmp_path, molecules_csv, caplog):
+    from mlflow.tracking import MlflowClient
+
+    started = time.monotonic()
+    result = train.run(_config(tmp_path, molecules_csv, "train.max_epochs=1"))
+    assert time.monotonic() - started < 120
+    assert "does not answer" in caplog.text
+    store = f"sqlite:///{(tmp_path / 'plots' / 'mlruns' / 'mlflow.db').resolve()}"
+    runs = MlflowClient(tracking_uri=store).search_runs(
+        [MlflowClient(tracking_uri=store).get_experiment_by_name("mol_props").experiment_id]
+    )
+    assert len(runs) == 1
+    assert runs[0].data.metrics["test_roc_auc"] == pytest.approx(result.test_metrics["roc_auc"])
+
+
+def test_regression_targets_are_standardized_and_restored(tmp_path):
+    """logBB in, logBB out: the scaler is saved with the model."""
+    from tests.conftest import b3db_rows
+
+    data_path = tmp_path / "logbb.csv"
+    rows = b3db_rows(150, "B3DB_regression.tsv")
+    data_path.write_text(
+        "smiles,logBB\n" + "".join(f"{row['SMILES']},{row['logBB']}\n" for row in rows)
+    )
+    config = _config(
+        tmp_path, data_path, "data.task=regression", "data.target_columns=[logBB]",
+        "train.max_epochs=2",
+    )
+    result = train.run(config)
+    payload = torch.load(result.checkpoint, weights_only=True)
+    values = np.array([float(row["logBB"]) for row in rows])
+    assert payload["target_mean"][0] == pytest.approx(values.mean(), abs=0.3)
+    assert payload["target_std"][0] == pytest.approx(values.std(), rel=0.3)
+    assert {"rmse", "mae", "r2"} <= set(result.test_metrics)
+    assert (result.run_directory / "parity.png").is_file()
+    assert (result.run_directory / "residuals.png").is_file()
