@@ -2,6 +2,7 @@
 
     python benchmarks/infer_speed.py                            # the model in models/
     python benchmarks/infer_speed.py --models=/path/to/models --runs=7 --memory_rows=200000
+    python benchmarks/infer_speed.py --runs=0 --rows=0 --nocompare_buckets    # memory only
 
 It needs an exported model (models/model_dynamic_atoms.onnx + model.json, from `mol_props train`
 or `mol_props export`) and real SMILES (B3DB, from data/raw/ or the qc-b3db package). It measures
@@ -48,6 +49,7 @@ TARGET_MOLECULES_PER_S = 5000.0
 TARGET_PEAK_MEMORY_MB = 1024.0
 SAMPLE_INTERVAL_S = 0.1  # how often the memory of the command's processes is sampled
 IN_PROCESS_MOLECULES = 4000  # for the bucket comparison
+TIMELINE_POINTS = 8  # memory samples printed for the long run
 
 
 @dataclasses.dataclass
@@ -60,9 +62,12 @@ class ChildRun:
     peak_total_mb: float  # its processes together (PSS: shared pages counted once), sampled
     stdout: str
     stderr: str
+    timeline: list[tuple[float, float]]  # (seconds since start, PSS MB together) per sample
 
 
-def run_child(command: Sequence[str], nice: int = 0) -> ChildRun:
+def run_child(
+    command: Sequence[str], nice: int = 0, env: dict[str, str] | None = None
+) -> ChildRun:
     """Run `command`, sampling the memory of it and its children until it exits.
 
     ru_maxrss of a child also counts this (parent) process's own RSS at the fork before exec,
@@ -75,15 +80,18 @@ def run_child(command: Sequence[str], nice: int = 0) -> ChildRun:
             stdout=out,
             stderr=err,
             cwd=REPO_ROOT,
+            env={**os.environ, **(env or {})},
         )
         watched = psutil.Process(process.pid)
         peak_total = peak_process = 0
+        timeline = []
         while True:
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
             if pid:
                 break
             total, largest = tree_memory(watched)
             peak_total, peak_process = max(peak_total, total), max(peak_process, largest)
+            timeline.append((time.perf_counter() - start, total / 2**20))
             time.sleep(SAMPLE_INTERVAL_S)
         wall = time.perf_counter() - start
         process.returncode = os.waitstatus_to_exitcode(status)
@@ -98,6 +106,7 @@ def run_child(command: Sequence[str], nice: int = 0) -> ChildRun:
             peak_total_mb=peak_total / 2**20,
             stdout=out.read(),
             stderr=err.read(),
+            timeline=timeline,
         )
 
 
@@ -156,13 +165,18 @@ def verdict(ok: bool) -> str:
 def cold_start(command: list[str], overrides: list[str], runs: int) -> None:
     print("\n1. cold start: mol_props infer --smiles CCO, a new process each time")
     results = []
-    for i in range(runs + 1):
-        result = run_child([*command, "infer", "--smiles", "CCO", *overrides])
+    # An empty config cache: the first run composes with Hydra, as on a fresh machine.
+    with tempfile.TemporaryDirectory() as cache:
+        for _ in range(runs + 1):
+            result = run_child(
+                [*command, "infer", "--smiles", "CCO", *overrides], env={"XDG_CACHE_HOME": cache}
+            )
+            results.append(result)
+    for i, result in enumerate(results):
         if result.returncode != 0 or '"error": null' not in result.stdout:
             raise SystemExit(f"mol_props infer failed:\n{result.stderr}")
         label = "first (config composed by Hydra)" if i == 0 else f"run {i} (cached config)"
         print(f"   {label:34s} {result.wall_s:5.2f} s wall, {result.cpu_s:5.2f} s CPU")
-        results.append(result)
     median = statistics.median(result.wall_s for result in results[1:])
     median_cpu = statistics.median(result.cpu_s for result in results[1:])
     print(
@@ -214,6 +228,12 @@ def memory(
         source = write_input(Path(folder) / "molecules.csv", smiles, rows)
         print(f"   input file: {source.stat().st_size / 2**20:,.0f} MB")
         result = file_run(command, overrides, source, rows, "default (worker processes)", nice)
+    # Flat over time is what bounded means: the same memory at the end as a minute in.
+    points = result.timeline[:: max(1, len(result.timeline) // TIMELINE_POINTS)]
+    print(
+        "   all processes over time (PSS): "
+        + ", ".join(f"{seconds:.0f} s {megabytes:.0f} MB" for seconds, megabytes in points)
+    )
     peak = max(result.peak_total_mb, result.peak_process_mb, result.max_rss_mb)
     print(f"   target < {TARGET_PEAK_MEMORY_MB:,.0f} MB: {verdict(peak < TARGET_PEAK_MEMORY_MB)}")
 
@@ -276,8 +296,10 @@ def benchmark(
     rows: int = 10_000,
     memory_rows: int = 1_000_000,
     memory_nice: int = 10,
+    compare_buckets: bool = True,
 ) -> None:
-    """Cold start, throughput, memory and bucket speed of `mol_props infer` (see module doc)."""
+    """Cold start, throughput, memory and bucket speed of `mol_props infer` (see module doc).
+    A count of 0 (or --nocompare_buckets) skips that part."""
     folder = Path(models)
     model_path, metadata_path = folder / "model_dynamic_atoms.onnx", folder / "model.json"
     if not (model_path.is_file() and metadata_path.is_file()):
@@ -298,11 +320,14 @@ def benchmark(
         f"mol_props infer benchmark: model {model_path}, {len(smiles):,} distinct B3DB SMILES, "
         f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}"
     )
-    cold_start(command, overrides, runs)
-    throughput(command, overrides, smiles, rows)
+    if runs > 0:
+        cold_start(command, overrides, runs)
+    if rows > 0:
+        throughput(command, overrides, smiles, rows)
     if memory_rows > 0:
         memory(command, overrides, smiles, memory_rows, memory_nice)
-    buckets(overrides, smiles)  # last: it grows this process (see run_child)
+    if compare_buckets:
+        buckets(overrides, smiles)  # last: it grows this process (see run_child)
 
 
 def main() -> None:

@@ -16,7 +16,9 @@ cores as the server; the printout shows what they cost.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import os
 import socket
 import sys
 import threading
@@ -55,12 +57,23 @@ class Result:
     answered: int
     failed_molecules: int  # answered with a per-molecule error
     failed_requests: int
-    server_cpu_s: float
+    server_cpu_s: dict[str, float]  # by process: tritonserver, then each model
     client_cpu_s: float
 
     @property
     def molecules_per_s(self) -> float:
         return self.answered / self.wall_s
+
+    @property
+    def percentiles_ms(self) -> tuple[float, float]:
+        if not self.latencies_ms.size:
+            return 0.0, 0.0
+        p50, p99 = np.percentile(self.latencies_ms, [50, 99])
+        return float(p50), float(p99)
+
+    @property
+    def server_cores(self) -> float:
+        return sum(self.server_cpu_s.values()) / self.wall_s
 
 
 def load_molecules(limit: int) -> list[str]:
@@ -156,14 +169,17 @@ def run_scenario(
     for thread in threads:
         thread.start()
     start.wait()
-    server_before = _tree_cpu_seconds(server_pid)
+    server_before = _server_cpu_seconds(server_pid)
     client_before = time.process_time()
     began = time.perf_counter()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - began
     client_cpu = time.process_time() - client_before
-    server_cpu = _tree_cpu_seconds(server_pid) - server_before
+    server_after = _server_cpu_seconds(server_pid)
+    server_cpu = {
+        name: seconds - server_before.get(name, 0.0) for name, seconds in server_after.items()
+    }
     totals = np.array([row if row else [0, 0, 0] for row in counts]).sum(axis=0)
     return Result(
         scenario=scenario,
@@ -178,25 +194,30 @@ def run_scenario(
     )
 
 
-def _tree_cpu_seconds(pid: int | None) -> float:
-    """CPU seconds of the server and its python stubs (0 when the server runs elsewhere)."""
+def _server_cpu_seconds(pid: int | None) -> dict[str, float]:
+    """CPU seconds of the server process and of each model's python processes (by model name).
+
+    Empty when the server runs elsewhere (--http/--grpc)."""
     if pid is None:
-        return 0.0
+        return {}
     import psutil
 
     try:
         root = psutil.Process(pid)
         processes = [root] + root.children(recursive=True)
     except psutil.NoSuchProcess:
-        return 0.0
-    total = 0.0
+        return {}
+    seconds: dict[str, float] = {}
     for process in processes:
         try:
             times = process.cpu_times()
-            total += times.user + times.system + times.children_user + times.children_system
+            arguments = process.cmdline()
         except psutil.NoSuchProcess:
             continue
-    return total
+        # A python stub's 9th argument names its model instance, e.g. mol_props_onnx_0_1.
+        name = arguments[8].rsplit("_", 2)[0] if process.pid != pid else "tritonserver"
+        seconds[name] = seconds.get(name, 0.0) + times.user + times.system
+    return seconds
 
 
 def print_results(results: list[Result]) -> bool:
@@ -210,22 +231,28 @@ def print_results(results: list[Result]) -> bool:
     ok = True
     for result in results:
         scenario = result.scenario
-        p50, p99 = (
-            np.percentile(result.latencies_ms, [50, 99]) if result.latencies_ms.size else (0, 0)
-        )
+        p50, p99 = result.percentiles_ms
         print(
             f"{scenario.protocol:8} {scenario.molecules_per_request:7d} "
             f"{result.latencies_ms.size:8d} {result.sent:7d} {result.answered:8d} "
             f"{result.molecules_per_s:8.0f} {p50:7.1f} {p99:7.1f} {result.failed_molecules:7d} "
-            f"{result.failed_requests:7d} {result.server_cpu_s / result.wall_s:9.2f} "
+            f"{result.failed_requests:7d} {result.server_cores:9.2f} "
             f"{result.client_cpu_s / result.wall_s:9.2f}"
         )
         ok &= result.sent == result.answered
-    print("\n(cpu/s: cores busy on average; the machine has", _cores(), "cores)")
+    print(f"\ncpu/s: cores kept busy (this machine has {_cores()}); the server's, by process:")
+    for result in results:
+        parts = ", ".join(
+            f"{name} {seconds / result.wall_s:.2f}"
+            for name, seconds in sorted(result.server_cpu_s.items())
+        )
+        scenario = result.scenario
+        print(f"  {scenario.protocol:4} {scenario.molecules_per_request:3d}: {parts or '-'}")
+    print()
     for result in results:
         scenario = result.scenario
         if scenario.molecules_per_request == 1:
-            p99 = float(np.percentile(result.latencies_ms, 99)) if result.latencies_ms.size else 0
+            p99 = result.percentiles_ms[1]
             verdict = "meets" if p99 <= TARGET_P99_MS else "MISSES"
             print(
                 f"{scenario.protocol} 1-molecule p99 {p99:.1f} ms {verdict} <= {TARGET_P99_MS} ms"
@@ -242,8 +269,6 @@ def print_results(results: list[Result]) -> bool:
 
 
 def _cores() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))
 
 
@@ -260,27 +285,36 @@ def benchmark(
     clients: int = 8,
     single_requests: int = 200,
     batch_requests: int = 20,
+    protocols: Sequence[str] = ("http", "grpc"),
+    sizes: Sequence[int] = REQUEST_SIZES,
     timeout_s: float = 30.0,
 ) -> None:
     """Run every scenario; start a server on triton_repo/ unless --http/--grpc name a running one.
 
-    single_requests / batch_requests: requests per client for 1- and 64-molecule requests."""
+    single_requests / batch_requests: requests per client with 1 molecule / with more;
+    --protocols=grpc or --sizes=64 run a subset."""
     config = compose_config(list(overrides))
+    # fire hands over one value as a scalar, several as a tuple.
+    protocols = [protocols] if isinstance(protocols, str) else list(protocols)
+    sizes = [sizes] if isinstance(sizes, int) else [int(size) for size in sizes]
     smiles = load_molecules(limit=4096)
-    server = None
-    if http is None and grpc is None:
-        config.serving.http_port, config.serving.grpc_port = _free_port(), _free_port()
-        config.serving.metrics_port = _free_port()
-        server = TritonServer(config.serving, log_path=Path(config.serving.work_dir) / "bench.log")
-        server.__enter__()
-        http, grpc = server.http_url, server.grpc_url
-    server_pid = server.process.pid if server is not None else None
-    try:
+    with contextlib.ExitStack() as stack:
+        server_pid = None
+        if http is None and grpc is None:
+            serving = config.serving
+            serving.http_port, serving.grpc_port, serving.metrics_port = (
+                _free_port(),
+                _free_port(),
+                _free_port(),
+            )
+            log_path = Path(serving.work_dir) / "triton_load.log"
+            server = stack.enter_context(TritonServer(serving, log_path=log_path))
+            http, grpc, server_pid = server.http_url, server.grpc_url, server.process.pid
         results = []
         for protocol, url in (("http", http), ("grpc", grpc)):
-            if url is None:
+            if url is None or protocol not in protocols:
                 continue
-            for size in REQUEST_SIZES:
+            for size in sizes:
                 count = single_requests if size == 1 else batch_requests
                 scenario = Scenario(protocol, size, clients, count)
                 print(f"running {protocol}, {clients} clients x {count} requests of {size}...")
@@ -289,12 +323,8 @@ def benchmark(
                         scenario, url, config.serving.model_name, smiles, timeout_s, server_pid
                     )
                 )
-        print()
-        ok = print_results(results)
-    finally:
-        if server is not None:
-            server.stop()
-    if not ok:
+    print()
+    if not print_results(results):
         sys.exit(1)
 
 

@@ -83,6 +83,8 @@ class ModelConfig:
     conv: str = MISSING  # gin | graph
     hidden_dim: int = MISSING
     num_layers: int = MISSING
+    pooling: str = MISSING  # mean | mean_sum
+    sum_pooling_scale: float = MISSING  # sum pooling is divided by this (a typical atom count)
     dropout: float = MISSING
     descriptor_hidden_dim: int = MISSING  # 0 = ignore the descriptor vector
     head_hidden_dim: int = MISSING

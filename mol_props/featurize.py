@@ -22,10 +22,12 @@ import multiprocessing
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 from rdkit import Chem, rdBase
 from rdkit.Chem import Crippen, Descriptors, rdFingerprintGenerator, rdMolDescriptors
+from rdkit.Chem.rdchem import Atom
 from rdkit.Chem.Scaffolds import MurckoScaffold
 
 from mol_props.config import PreprocessConfig
@@ -248,11 +250,11 @@ class Featurizer:
     def _adjacency_and_degrees(self, molecule: Chem.Mol) -> tuple[np.ndarray, list[int]]:
         """[n, n] float32 symmetric bond-order adjacency, and each atom's degree."""
         adjacency = Chem.GetAdjacencyMatrix(molecule, useBO=True).astype(np.float32)
-        degrees = np.count_nonzero(adjacency, axis=1)
-        if int(degrees.sum()) == 2 * molecule.GetNumBonds():
-            # Every bond filled both of its cells: the row counts are the degrees, read here in
-            # one numpy call instead of one RDKit call per atom.
-            return adjacency, degrees.tolist()
+        degrees = adjacency.astype(bool).sum(axis=1).tolist()
+        if sum(degrees) == 2 * molecule.GetNumBonds():
+            # Every bond filled both of its cells: the row counts are the degrees, read here with
+            # two numpy calls instead of one RDKit call per atom.
+            return adjacency, degrees
         # RDKit fills only the (donor, acceptor) cell of a dative bond ("N->[Fe]") and neither
         # cell of a zero-order bond: mirror the matrix so messages flow both ways, and ask each
         # atom for its degree, which counts every bond.
@@ -263,35 +265,47 @@ class Featurizer:
         self, molecule: Chem.Mol, degrees: Sequence[int], stereo: bool, isotopes: bool
     ) -> np.ndarray:
         """Atom features from per-atom keys; `stereo`/`isotopes` False skip reading those."""
-        # Each RDKit call costs about as much as the numpy work of a whole row, so an atom is read
-        # once into a hashable key, and the few hundred distinct keys of a dataset map to
-        # precomputed rows. None in the mass slot: no isotope, the element's standard weight.
-        keys = [
-            (
-                atom.GetAtomicNum(),
-                degree,
-                atom.GetFormalCharge(),
-                atom.GetHybridization(),
-                atom.GetTotalNumHs(),
-                atom.GetChiralTag() if stereo else _UNSPECIFIED_CHIRALITY,
-                atom.GetIsAromatic(),
-                atom.IsInRing(),
-                atom.GetMass() if isotopes else None,
+        # Speed: each property read through RDKit's Python API costs about half a microsecond and
+        # each numpy call about one. So each property is read once per atom, by one `map` over
+        # the unbound method (a fifth cheaper than building a tuple per atom), into a hashable
+        # key; the few hundred distinct keys of a dataset map to rows built once by `_row`.
+        # None in the mass slot: no isotope, so the element's standard weight.
+        atoms = list(map(molecule.GetAtomWithIdx, range(len(degrees))))
+        keys = list(
+            zip(
+                map(Atom.GetAtomicNum, atoms),
+                degrees,
+                map(Atom.GetFormalCharge, atoms),
+                map(Atom.GetHybridization, atoms),
+                map(Atom.GetTotalNumHs, atoms),
+                map(Atom.GetChiralTag, atoms) if stereo else repeat(_UNSPECIFIED_CHIRALITY),
+                map(Atom.GetIsAromatic, atoms),
+                map(Atom.IsInRing, atoms),
+                map(Atom.GetMass, atoms) if isotopes else repeat(None),
             )
-            for atom, degree in zip(map(molecule.GetAtomWithIdx, range(len(degrees))), degrees)
-        ]
+        )
+        # np.array of equal-length rows: a third of np.stack's cost for a few dozen rows.
         try:
-            return np.stack([self._rows[key] for key in keys])
+            return np.array([self._rows[key] for key in keys])
         except KeyError:
-            return np.stack([self._row(key) for key in keys])
+            return np.array([self._row(key) for key in keys])
 
     def _row(self, key: tuple) -> np.ndarray:
         """The feature row of one atom key (see `_atom_features`); cached up to a bound."""
         row = self._rows.get(key)
         if row is not None:
             return row
-        atomic_number, degree, charge, hybridization, hydrogens, chirality, *flags = key
-        aromatic, in_ring, mass = flags
+        (
+            atomic_number,
+            degree,
+            charge,
+            hybridization,
+            hydrogens,
+            chirality,
+            aromatic,
+            in_ring,
+            mass,
+        ) = key
         slots = (
             min(max(atomic_number, 0), self._MAX_ATOMIC_NUMBER - 1),
             min(max(degree, 0), self._MAX_DEGREE),
@@ -313,11 +327,13 @@ class Featurizer:
 
     def molecule_descriptors(self, molecule: Chem.Mol) -> np.ndarray:
         """[D] float32: the configured descriptors, then Morgan counts if enabled."""
-        values = np.array([function(molecule) for function in self._descriptor_functions])
+        values = np.array(
+            [function(molecule) for function in self._descriptor_functions], dtype=np.float32
+        )
         if self._fingerprint is None:
-            return values.astype(np.float32)
+            return values
         counts = self._fingerprint.GetCountFingerprintAsNumPy(molecule)
-        return np.concatenate([values, counts]).astype(np.float32)
+        return np.concatenate([values, counts.astype(np.float32)])
 
     def featurize_many(
         self, smiles: Iterable[str], with_keys: bool = False
@@ -363,6 +379,63 @@ def pad_graphs(
     return PaddedBatch(atom_features, adjacency, atom_mask, descriptors)
 
 
+@dataclass
+class _PackedChunk:
+    """A worker's results for one chunk as a few flat arrays. Pickling three small arrays per
+    molecule back to the parent cost more CPU than some featurization steps; this costs little."""
+
+    errors: list[FeaturizationError | None]  # per molecule: its error, or None for a graph
+    sizes: list[int]  # [G] atoms of each graph
+    atom_features: np.ndarray  # [sum of sizes, F]
+    adjacency: np.ndarray  # [sum of sizes squared], each graph's [n, n] flattened
+    descriptors: np.ndarray  # [G, D]
+    canonical_smiles: list[str]
+    scaffolds: list[str]
+
+    @classmethod
+    def pack(cls, results: Sequence[MoleculeGraph | FeaturizationError]) -> _PackedChunk:
+        graphs = [result for result in results if isinstance(result, MoleculeGraph)]
+        if graphs:
+            atom_features = np.concatenate([graph.atom_features for graph in graphs])
+            adjacency = np.concatenate([graph.adjacency.ravel() for graph in graphs])
+            descriptors = np.stack([graph.descriptors for graph in graphs])
+        else:
+            atom_features = adjacency = descriptors = np.zeros(0, dtype=np.float32)
+        return cls(
+            errors=[
+                result if isinstance(result, FeaturizationError) else None for result in results
+            ],
+            sizes=[graph.num_atoms for graph in graphs],
+            atom_features=atom_features,
+            adjacency=adjacency,
+            descriptors=descriptors,
+            canonical_smiles=[graph.canonical_smiles for graph in graphs],
+            scaffolds=[graph.scaffold for graph in graphs],
+        )
+
+    def unpack(self) -> list[MoleculeGraph | FeaturizationError]:
+        """The results in input order; each graph's arrays are views into the chunk's arrays."""
+        results: list[MoleculeGraph | FeaturizationError] = []
+        graph = atom_start = adjacency_start = 0
+        for error in self.errors:
+            if error is not None:
+                results.append(error)
+                continue
+            size = self.sizes[graph]
+            atom_end, adjacency_end = atom_start + size, adjacency_start + size * size
+            results.append(
+                MoleculeGraph(
+                    atom_features=self.atom_features[atom_start:atom_end],
+                    adjacency=self.adjacency[adjacency_start:adjacency_end].reshape(size, size),
+                    descriptors=self.descriptors[graph],
+                    canonical_smiles=self.canonical_smiles[graph],
+                    scaffold=self.scaffolds[graph],
+                )
+            )
+            graph, atom_start, adjacency_start = graph + 1, atom_end, adjacency_end
+        return results
+
+
 _WORKER_FEATURIZER: Featurizer | None = None
 
 
@@ -371,12 +444,10 @@ def _init_worker(config: PreprocessConfig) -> None:
     _WORKER_FEATURIZER = Featurizer(config)
 
 
-def _featurize_chunk(
-    chunk_and_keys: tuple[list[str], bool]
-) -> list[MoleculeGraph | FeaturizationError]:
+def _featurize_chunk(chunk_and_keys: tuple[list[str], bool]) -> _PackedChunk:
     assert _WORKER_FEATURIZER is not None, "worker started without _init_worker"
     chunk, with_keys = chunk_and_keys
-    return _WORKER_FEATURIZER.featurize_many(chunk, with_keys)
+    return _PackedChunk.pack(_WORKER_FEATURIZER.featurize_many(chunk, with_keys))
 
 
 def featurize_parallel(
@@ -406,8 +477,8 @@ def featurize_parallel(
         context = multiprocessing.get_context("fork")
         with context.Pool(workers, initializer=_init_worker, initargs=(config,)) as pool:
             work = [(chunk, with_keys) for chunk in chunks]
-            for chunk_results in pool.imap(_featurize_chunk, work):
-                results.extend(chunk_results)
-                bar.update(len(chunk_results))
+            for packed in pool.imap(_featurize_chunk, work):
+                results.extend(packed.unpack())
+                bar.update(len(packed.errors))
     bar.close()
     return results

@@ -12,6 +12,7 @@ import. tests/test_infer.py runs it in a subprocess and checks torch was never i
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import csv
 import dataclasses
 import hashlib
@@ -212,10 +213,10 @@ def _init_worker(model_path: Path, metadata: ModelMetadata, config: InferConfig)
     global _WORKER_PREDICTOR, _WORKER_ERROR
     try:
         _WORKER_PREDICTOR = LocalPredictor(model_path, metadata, config)
-        _WORKER_PREDICTOR.session
+        _WORKER_PREDICTOR.session  # opened now, so that a broken model fails the first chunk
     except Exception as error:
-        # Raised from the first task instead: an initializer that raises makes Pool restart the
-        # worker forever.
+        # Raised from the first chunk instead, with its own message: an initializer that raises
+        # only reports a broken pool.
         _WORKER_ERROR = error
 
 
@@ -322,20 +323,26 @@ def predict_chunks(
     worker_config = dataclasses.replace(predictor.config, num_threads=1)
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with context.Pool(
+    # An executor, not multiprocessing.Pool: a worker that dies (a crash in RDKit, the OOM
+    # killer) raises BrokenProcessPool here instead of leaving its chunk waiting forever.
+    pool = concurrent.futures.ProcessPoolExecutor(
         workers,
+        mp_context=context,
         initializer=_init_worker,
         initargs=(predictor.model_path, predictor.metadata, worker_config),
-    ) as pool:
+    )
+    try:
         pending: collections.deque = collections.deque()
         for chunk in itertools.chain(head, iterator):
-            pending.append((chunk, pool.apply_async(_predict_in_worker, (chunk.smiles,))))
+            pending.append((chunk, pool.submit(_predict_in_worker, chunk.smiles)))
             if len(pending) >= CHUNKS_IN_FLIGHT_PER_WORKER * workers:
-                done, result = pending.popleft()
-                yield done, result.get()
+                done, future = pending.popleft()
+                yield done, future.result()
         while pending:
-            done, result = pending.popleft()
-            yield done, result.get()
+            done, future = pending.popleft()
+            yield done, future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _number_or_none(value: float) -> float | None:

@@ -54,7 +54,12 @@ class MoleculeGNN(nn.Module):
         # Descriptor scaling is part of the model (and so of the ONNX graph): set from train data.
         self.register_buffer("descriptor_mean", torch.zeros(descriptor_size))
         self.register_buffer("descriptor_std", torch.ones(descriptor_size))
-        head_input = hidden
+        # Mean pooling describes the typical atom; sum pooling adds how many of each there are.
+        self.sum_pooling = config.pooling == "mean_sum"
+        self.sum_pooling_scale = float(config.sum_pooling_scale)
+        if config.pooling not in ("mean", "mean_sum"):
+            raise ValueError(f"unknown model.pooling={config.pooling!r}: mean | mean_sum")
+        head_input = hidden * (2 if self.sum_pooling else 1)
         if self.use_descriptors:
             self.descriptor_mlp = nn.Sequential(
                 nn.Linear(descriptor_size, config.descriptor_hidden_dim),
@@ -89,7 +94,11 @@ class MoleculeGNN(nn.Module):
             update = convolution(hidden, adjacency, atom_mask)  # [B, N, H], padding rows zero
             hidden = hidden + self.dropout(torch.relu(norm(update))) * mask  # residual
         atom_count = atom_mask.sum(dim=1, keepdim=True).clamp(min=1.0)  # [B, 1]
-        pooled = hidden.sum(dim=1) / atom_count  # [B, H] masked mean
+        summed = hidden.sum(dim=1)  # [B, H]
+        pooled = summed / atom_count  # [B, H] masked mean
+        if self.sum_pooling:
+            # Scaled so a typical molecule (~25 heavy atoms) gives values near the mean's.
+            pooled = torch.cat([pooled, summed / self.sum_pooling_scale], dim=-1)  # [B, 2H]
         if self.use_descriptors:
             scaled = (descriptors - self.descriptor_mean) / self.descriptor_std  # [B, D]
             pooled = torch.cat([pooled, self.descriptor_mlp(scaled)], dim=-1)  # [B, H + Hd]

@@ -74,22 +74,22 @@ find_trtexec() {
   elif [[ -x /usr/src/tensorrt/bin/trtexec ]]; then
     echo /usr/src/tensorrt/bin/trtexec
   else
-    fail "trtexec not found (not on PATH, not at /usr/src/tensorrt/bin/trtexec). It ships with
-TensorRT: run this script inside the TensorRT container matching your Triton release (see
-docs/production.md), or pass --trtexec PATH. --dry-run prints the command without it." 3
+    fail "trtexec not found (not on PATH, not at /usr/src/tensorrt/bin/trtexec).
+  It ships with TensorRT: run this script inside the TensorRT container of your Triton release
+  (docs/production.md), or pass --trtexec PATH. --dry-run prints the command without it." 3
   fi
 }
 
 check_gpu() {
   # TensorRT builds kernels for the GPU it runs on, so there must be one.
   command -v nvidia-smi >/dev/null 2>&1 ||
-    fail "no NVIDIA GPU visible (nvidia-smi not found). TensorRT needs the GPU the engine will
-run on; start the container with --gpus all (NVIDIA Container Toolkit)." 4
+    fail "no NVIDIA GPU visible (nvidia-smi not found).
+  TensorRT builds the engine on the GPU that will run it: start the container with --gpus all." 4
   local gpus
   gpus="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
   [[ "$gpus" -gt 0 ]] ||
-    fail "no NVIDIA GPU visible (nvidia-smi -L lists none). TensorRT needs the GPU the engine
-will run on; start the container with --gpus all (NVIDIA Container Toolkit)." 4
+    fail "no NVIDIA GPU visible (nvidia-smi -L lists none).
+  TensorRT builds the engine on the GPU that will run it: start the container with --gpus all." 4
 }
 
 onnx="$REPO_ROOT/models/model.onnx"
@@ -149,8 +149,8 @@ if ((max_batch < triton_max_batch)); then
     "$triton_max_batch ($TRITON_CONFIG): Triton will refuse to load this engine there" >&2
 fi
 
-[[ -f "$onnx" ]] || fail "ONNX model $onnx not found; make it with \`uv run mol_props export\`
-(or \`uv run mol_props train\`, which exports at the end)"
+[[ -f "$onnx" ]] || fail "ONNX model $onnx not found.
+  Make it with \`uv run mol_props export\` (or \`uv run mol_props train\`, which exports at the end)."
 python="${PYTHON:-python3}"
 command -v "$python" >/dev/null 2>&1 || fail "$python is needed to read the model's input shapes"
 

@@ -410,18 +410,18 @@ def test_predictions_identical_across_atom_buckets(exported_model: ExportedModel
 PROBE = textwrap.dedent(
     """
     import json, sys
-    import multiprocessing.context
+    import concurrent.futures
 
     heavy = json.loads(sys.argv[1])
     sys.argv = ["mol_props", "infer", *json.loads(sys.argv[2])]
     pools = []  # the worker count of every process pool started
-    start_pool = multiprocessing.context.BaseContext.Pool
 
-    def counting_pool(self, processes=None, *args, **kwargs):
-        pools.append(processes)
-        return start_pool(self, processes, *args, **kwargs)
+    class CountingPool(concurrent.futures.ProcessPoolExecutor):
+        def __init__(self, max_workers=None, *args, **kwargs):
+            pools.append(max_workers)
+            super().__init__(max_workers, *args, **kwargs)
 
-    multiprocessing.context.BaseContext.Pool = counting_pool
+    concurrent.futures.ProcessPoolExecutor = CountingPool
     from mol_props import commands
     try:
         commands.main()
@@ -484,6 +484,38 @@ def test_file_mode_with_worker_processes_never_imports_torch(
         assert one["error"] == other["error"]
         if one[target]:
             assert float(one[target]) == pytest.approx(float(other[target]), abs=1e-5)
+
+
+def test_a_damaged_model_is_a_clear_error_also_in_worker_processes(
+    exported_model: ExportedModel,
+    capsys: pytest.CaptureFixture,
+    config_cache: Path,
+    tmp_path: Path,
+):
+    models = tmp_path / "models"
+    shutil.copytree(exported_model.models_dir, models)
+    model = models / "model_dynamic_atoms.onnx"
+    model.write_bytes(model.read_bytes()[:1000])  # an interrupted copy
+    overrides = [
+        *exported_model.overrides,
+        f"infer.model_path={model}",
+        f"infer.metadata_path={models / 'model.json'}",
+    ]
+    code, out, err = run_cli(capsys, "infer", "--smiles", "CCO", *overrides, "infer.num_workers=1")
+    assert code == 2 and out == ""
+    assert f"cannot load the model {model}" in err and "Traceback" not in err
+
+    rows = [[text] for text in ["CCO", "c1ccccc1", "CC(=O)O", "CCN"] * 10]
+    source = write_table(tmp_path / "in.csv", ["smiles"], rows)
+    output = tmp_path / "preds.csv"
+    report, result = probe(
+        ["--input", str(source), "--output", str(output), *overrides]
+        + ["infer.num_workers=2", "infer.chunk_size=8"],
+        config_cache,
+    )
+    assert report["code"] == 2 and report["pools"] == [2], result.stderr
+    assert f"cannot load the model {model}" in result.stderr
+    assert "Traceback" not in result.stderr and not output.exists()
 
 
 # --- the composed-config cache -------------------------------------------------------------------

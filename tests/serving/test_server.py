@@ -239,25 +239,17 @@ def test_infer_command_line_against_the_server_needs_no_torch(
     triton: RunningServer, protocol: str
 ):
     """`mol_props infer --server URL --smiles ...` in a fresh interpreter: JSON lines, no torch."""
-    code = (
-        "import json, runpy, sys\n"
-        "sys.argv = ['mol_props', 'infer', *sys.argv[1:]]\n"
-        "try:\n"
-        "    runpy.run_module('mol_props.commands', run_name='__main__')\n"
-        "    code = 0\n"
-        "except SystemExit as stop:\n"
-        "    code = stop.code or 0\n"
-        "heavy = [name for name in ('torch', 'lightning', 'torch_geometric', 'mlflow')"
-        " if name in sys.modules]\n"
-        "print(json.dumps({'code': code, 'heavy': heavy}))\n"
-    )
+    command = [sys.executable, "-X", "importtime", "-m", "mol_props.commands", "infer"]
     arguments = ["--server", triton.urls[protocol], "--smiles", '["CCO", "C1CC"]']
-    result = subprocess.run(
-        [sys.executable, "-c", code, *arguments], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-    *records, summary = [json.loads(line) for line in result.stdout.splitlines()]
-    assert summary == {"code": 0, "heavy": []}
+    result = subprocess.run(command + arguments, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert imported and not imported & {"torch", "lightning", "torch_geometric", "mlflow"}
+    records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [record["smiles"] for record in records] == ["CCO", "C1CC"]
     assert records[0]["error"] is None and "unparsable" in records[1]["error"]
     expected = local_predictions(triton, ["CCO"]).values[0]

@@ -1,0 +1,102 @@
+"""Quality and wall time of `mol_props train` on the fixed B3DB benchmark splits, over seeds.
+
+    uv run python benchmarks/train_quality.py                       # classification, seeds 0 1 2
+    uv run python benchmarks/train_quality.py --task=regression
+    uv run python benchmarks/train_quality.py --seeds='[0]' --extra='["model.hidden_dim=96"]'
+
+Each seed is a fresh `mol_props train` process (start-up, featurization and the ONNX export
+included in its wall time), trained on the split's `train` rows, early-stopped on `val`, and
+scored once on `test`. The split files are ../shared/benchmark/*.csv (see its README).
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import fire
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SPLITS = {
+    "classification": "b3db_classification_scaffold.csv",
+    "regression": "b3db_regression_scaffold.csv",
+}
+MAIN_METRIC = {"classification": "roc_auc", "regression": "rmse"}
+CHEMPROP = {"classification": "ROC-AUC 0.784 in 10.5 min", "regression": "RMSE 0.696 in 1.3 min"}
+
+
+def split_overrides(task: str, benchmark_dir: Path) -> list[str]:
+    return [
+        "data=csv",
+        f"data.path={benchmark_dir / SPLITS[task]}",
+        "data.smiles_column=smiles",
+        "data.target_columns=[label]",
+        f"data.task={task}",
+        "data.split.kind=column",
+        "data.split.column=split",
+        "data.dvc.enabled=false",
+        "export.dvc_track=false",
+    ]
+
+
+def run_seed(task: str, seed: int, benchmark_dir: Path, extra: list[str], work: Path) -> dict:
+    overrides = split_overrides(task, benchmark_dir) + [
+        f"train.seed={seed}",
+        "train.progress=false",
+        f"train.checkpoint_dir={work / 'checkpoints'}",
+        f"train.models_dir={work / 'models'}",
+        f"export.checkpoint={work / 'models' / 'best.ckpt'}",
+        f"export.onnx_path={work / 'models' / 'model.onnx'}",
+        f"export.dynamic_onnx_path={work / 'models' / 'model_dynamic_atoms.onnx'}",
+        f"export.metadata_path={work / 'models' / 'model.json'}",
+        f"serving.triton_repo={work / 'triton_repo'}",
+        *extra,
+    ]
+    started = time.perf_counter()
+    finished = subprocess.run(
+        [sys.executable, "-m", "mol_props.commands", "train", *overrides],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    seconds = time.perf_counter() - started
+    if finished.returncode != 0:
+        raise RuntimeError(f"seed {seed} failed:\n{finished.stderr[-3000:]}")
+    summary = finished.stdout.strip().splitlines()[-1]
+    metrics = {name: float(value) for name, value in re.findall(r"(\w+)=(-?[\d.]+)", summary)}
+    return {"seed": seed, "seconds": seconds, **metrics}
+
+
+def main(
+    task: str = "classification",
+    seeds: tuple[int, ...] = (0, 1, 2),
+    extra: tuple[str, ...] = (),
+    benchmark_dir: str = str(REPO_ROOT.parent / "shared" / "benchmark"),
+) -> None:
+    metric = MAIN_METRIC[task]
+    results = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for seed in seeds:
+            result = run_seed(task, seed, Path(benchmark_dir), list(extra), Path(scratch))
+            results.append(result)
+            others = ", ".join(
+                f"{name}={value:.3f}" for name, value in result.items() if name not in {"seed"}
+            )
+            print(f"seed {seed}: {others}", flush=True)
+    values = [result[metric] for result in results]
+    seconds = [result["seconds"] for result in results]
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    print(
+        f"{task}: test {metric} {statistics.mean(values):.3f} ± {spread:.3f} over seeds "
+        f"{list(seeds)}; wall time per `mol_props train` {statistics.mean(seconds):.0f} s "
+        f"(max {max(seconds):.0f} s); chemprop 2.3.1 on this split: {CHEMPROP[task]}"
+    )
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
