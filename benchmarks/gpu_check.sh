@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 epochs="${1:-2}"
 work="$(mktemp -d)"
+cp -r triton_repo "$work/triton_repo"
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('gpu:', torch.cuda.get_device_name(0))"
 start=$(date +%s.%N)
 python3 -m mol_props.commands train \

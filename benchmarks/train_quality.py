@@ -12,6 +12,7 @@ scored once on `test`. The split files are ../shared/benchmark/*.csv (see its RE
 from __future__ import annotations
 
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -81,6 +82,8 @@ def main(
     metric = MAIN_METRIC[task]
     results = []
     with tempfile.TemporaryDirectory() as scratch:
+        # Export fills a model repository: a scratch copy, not the checkout's triton_repo/.
+        shutil.copytree(REPO_ROOT / "triton_repo", Path(scratch) / "triton_repo")
         for seed in seeds:
             result = run_seed(task, seed, Path(benchmark_dir), list(extra), Path(scratch))
             results.append(result)

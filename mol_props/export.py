@@ -223,18 +223,12 @@ def run(config: Config, validation_graphs: list[MoleculeGraph] | None = None) ->
 
 def _publish(config: Config, onnx_path: Path, metadata: ModelMetadata) -> None:
     """Copy the model into triton_repo/ and version models/ with DVC (when configured)."""
-    try:
-        from mol_props.triton_repo import populate_model_repository
-    except ImportError:
-        populate_model_repository = None
-    if populate_model_repository is not None:
-        populate_model_repository(
-            Path(config.serving.triton_repo),
-            onnx_path,
-            metadata,
-            config.export.triton_model_name,
-        )
-        print(f"export: Triton model repository updated: {config.serving.triton_repo}")
+    from mol_props.triton_repo import populate_model_repository
+
+    populate_model_repository(
+        Path(config.serving.triton_repo), onnx_path, metadata, config.export.triton_model_name
+    )
+    print(f"export: Triton model repository updated: {config.serving.triton_repo}")
     if config.export.dvc_track and config.data.dvc.enabled:
         from mol_props.artifacts import dvc_add_and_push
 

@@ -60,6 +60,7 @@ HYBRIDIZATIONS = {
     str(value): int(value) for value in Chem.rdchem.HybridizationType.values.values()
 }
 CHIRAL_TAGS = {str(value): int(value) for value in Chem.rdchem.ChiralType.values.values()}
+FRAGMENT_POLICIES = ("largest", "error", "keep_all")
 _UNSPECIFIED_CHIRALITY = Chem.rdchem.ChiralType.CHI_UNSPECIFIED
 # An isotope can only be written at the start of a bracket atom: "[13C]", "[2H]".
 _ISOTOPE = re.compile(r"\[\d")
@@ -112,12 +113,24 @@ class PaddedBatch:
         }
 
 
-def _slot_table(values: Sequence[int], size: int, shift: int = 0) -> np.ndarray:
+def _slot_table(values: Sequence[int], size: int, field: str, shift: int = 0) -> np.ndarray:
     """Lookup table value -> one-hot slot; values not listed map to the last ("unknown") slot."""
     table = np.full(size, len(values), dtype=np.int64)
     for slot, value in enumerate(values):
+        # A negative index would silently give another value's slot (-9 would take +8's).
+        if not 0 <= value + shift < size:
+            raise ValueError(
+                f"preprocess.atom.{field}: {value} is outside {-shift}..{size - shift - 1}"
+            )
         table[value + shift] = slot
     return table
+
+
+def _enum_values(names: Sequence[str], known: dict[str, int], field: str) -> list[int]:
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"preprocess.atom.{field}: {unknown} are not among {list(known)}")
+    return [known[name] for name in names]
 
 
 class Featurizer:
@@ -133,19 +146,33 @@ class Featurizer:
     _MAX_CACHED_ROWS = 100_000
 
     def __init__(self, config: PreprocessConfig) -> None:
+        if config.fragments not in FRAGMENT_POLICIES:
+            # Checked here: any other word would otherwise quietly act as "largest".
+            raise ValueError(
+                f"preprocess.fragments={config.fragments!r}: expected one of {FRAGMENT_POLICIES}"
+            )
         self.config = config
         atom = config.atom
-        self._element_slots = _slot_table(atom.elements, self._MAX_ATOMIC_NUMBER)
-        self._degree_slots = _slot_table(atom.degrees, self._MAX_DEGREE + 1)
+        self._element_slots = _slot_table(atom.elements, self._MAX_ATOMIC_NUMBER, "elements")
+        self._degree_slots = _slot_table(atom.degrees, self._MAX_DEGREE + 1, "degrees")
         self._charge_slots = _slot_table(
-            atom.formal_charges, 2 * self._CHARGE_SHIFT + 1, shift=self._CHARGE_SHIFT
+            atom.formal_charges,
+            2 * self._CHARGE_SHIFT + 1,
+            "formal_charges",
+            shift=self._CHARGE_SHIFT,
         )
         self._hybridization_slots = _slot_table(
-            [HYBRIDIZATIONS[name] for name in atom.hybridizations], len(HYBRIDIZATIONS)
+            _enum_values(atom.hybridizations, HYBRIDIZATIONS, "hybridizations"),
+            len(HYBRIDIZATIONS),
+            "hybridizations",
         )
-        self._hydrogen_slots = _slot_table(atom.total_hydrogens, self._MAX_HYDROGENS + 1)
+        self._hydrogen_slots = _slot_table(
+            atom.total_hydrogens, self._MAX_HYDROGENS + 1, "total_hydrogens"
+        )
         self._chirality_slots = _slot_table(
-            [CHIRAL_TAGS[name] for name in atom.chiral_tags], len(CHIRAL_TAGS)
+            _enum_values(atom.chiral_tags, CHIRAL_TAGS, "chiral_tags"),
+            len(CHIRAL_TAGS),
+            "chiral_tags",
         )
         # One-hot groups in feature order: (lookup table, width including the unknown slot).
         self._groups = [

@@ -13,7 +13,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationEr
 
 from mol_props.config import Config, compose_config, config_dir, to_flat_dict
 
-# Options that cannot compose alone: the value each needs, as the README tells users to give it.
+# Options that cannot compose alone, with the value each needs (as configs/data/csv.yaml shows).
 REQUIRED_WITH = {("data", "csv"): ["data.path=molecules.csv"]}
 
 

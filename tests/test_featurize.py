@@ -262,6 +262,26 @@ def test_width_is_len_of_featurizer(preprocess: PreprocessConfig):
     assert counts.sum() > 0 and (counts >= 0).all() and (counts == np.round(counts)).all()
 
 
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"fragments": "larget"}, "preprocess.fragments='larget'"),
+        ({"formal_charges": [-9, 0]}, "formal_charges: -9 is outside -8..8"),
+        ({"elements": [6, 200]}, "elements: 200 is outside"),
+        ({"hybridizations": ["SP3", "SP4"]}, "hybridizations: ['SP4']"),
+    ],
+)
+def test_settings_the_featurizer_cannot_honour_are_refused(
+    preprocess: PreprocessConfig, changes: dict, message: str
+):
+    atom_changes = {key: value for key, value in changes.items() if key != "fragments"}
+    fragments = changes.get("fragments", preprocess.fragments)
+    atom = dataclasses.replace(preprocess.atom, **atom_changes)
+    with pytest.raises(ValueError) as caught:
+        Featurizer(with_settings(preprocess, fragments=fragments, atom=atom))
+    assert message in str(caught.value)
+
+
 def test_adjacency_is_symmetric_and_matches_rdkit_bonds(featurizer: Featurizer):
     smiles = [row["SMILES"] for row in b3db_rows(60)] + ["C#N", "C=C", "C->[Fe]"]
     checked = 0
