@@ -193,6 +193,29 @@ def config_dir() -> Path:
     raise FileNotFoundError(f"no {CONFIG_NAME}.yaml next to {package_dir}")
 
 
+# Free-text settings that take one of a few values: checked when the config is composed, so a
+# typo fails at once with the allowed values instead of deep inside a run.
+CHOICES = {
+    ("data", "source"): ("b3db", "csv"),
+    ("data", "task"): ("classification", "regression"),
+    ("model", "conv"): ("gin", "graph"),
+    ("model", "pooling"): ("mean", "mean_sum"),
+    ("train", "scheduler"): ("onecycle", "cosine", "constant"),
+    ("serving", "backend"): ("onnx", "tensorrt"),
+}
+
+
+def check_choices(config: Config) -> None:
+    for (group, name), allowed in CHOICES.items():
+        value = getattr(getattr(config, group), name)
+        if value not in allowed:
+            raise ValueError(f"{group}.{name}={value!r}: expected one of {', '.join(allowed)}")
+    if config.data.split.kind not in ("scaffold", "random", "column"):
+        raise ValueError(
+            f"data.split.kind={config.data.split.kind!r}: expected scaffold, random or column"
+        )
+
+
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Compose `configs/` with Hydra overrides (`model.hidden_dim=256`) into a typed Config."""
     from hydra import compose, initialize_config_dir
@@ -201,7 +224,9 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         composed = compose(config_name=CONFIG_NAME, overrides=list(overrides))
     merged = OmegaConf.merge(OmegaConf.structured(Config), composed)
-    return OmegaConf.to_object(merged)
+    config = OmegaConf.to_object(merged)
+    check_choices(config)
+    return config
 
 
 def to_flat_dict(config: Config) -> dict[str, str]:

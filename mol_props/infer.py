@@ -547,10 +547,8 @@ def compose_config_cached(overrides: Sequence[str]) -> Config:
             pass  # an old or damaged entry: compose afresh and overwrite it
     try:
         config = compose_config(overrides)
-    except Exception as error:
-        if type(error).__module__.split(".")[0] in ("hydra", "omegaconf"):
-            raise InferenceError(f"configuration: {error}") from error
-        raise
+    except Exception as error:  # Hydra, OmegaConf and the schema's checks each raise their own
+        raise InferenceError(f"configuration: {error}") from error
     if cache_file is not None:
         _store_config(cache_file, config)
     return config

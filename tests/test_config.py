@@ -82,6 +82,9 @@ def test_override_is_applied_and_typed():
         (["model.hidden_dim=three"], ValidationError, "three"),
         (["model=dense_gn"], MissingConfigException, "dense_gn"),
         (["data=csv"], MissingMandatoryValue, "path"),
+        (["data.task=clasification"], ValueError, "data.task='clasification'"),
+        (["data.split.kind=scafold"], ValueError, "scaffold, random or column"),
+        (["model.conv=gcn"], ValueError, "gin, graph"),
     ],
 )
 def test_mistakes_fail_loudly(overrides: list[str], error: type[Exception], names: str):
