@@ -79,7 +79,8 @@ class SizeGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
             pool = order[start : start + self.pool]
             pool = pool[np.argsort(self.sizes[pool], kind="stable")]
             batches += [
-                pool[i : i + self.batch_size].tolist() for i in range(0, len(pool), self.batch_size)
+                pool[i : i + self.batch_size].tolist()
+                for i in range(0, len(pool), self.batch_size)
             ]
         shuffled = torch.randperm(len(batches), generator=self.generator).tolist()
         return [batches[i] for i in shuffled][self.rank :: self.world_size]

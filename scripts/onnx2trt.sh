@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build a TensorRT engine for Triton from the exported fixed-shape ONNX model, with trtexec.
 # Run it on the GPU that will serve the engine, with the TensorRT version of that Triton release
-# (an engine only loads into the TensorRT it was built with): see docs/production.md.
+# (an engine only loads into the TensorRT it was built with): see README.md, "TensorRT".
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -76,7 +76,7 @@ find_trtexec() {
   else
     fail "trtexec not found (not on PATH, not at /usr/src/tensorrt/bin/trtexec).
   It ships with TensorRT: run this script inside the TensorRT container of your Triton release
-  (docs/production.md), or pass --trtexec PATH. --dry-run prints the command without it." 3
+  (README.md, "TensorRT"), or pass --trtexec PATH. --dry-run prints the command without it." 3
   fi
 }
 

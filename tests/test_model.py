@@ -21,15 +21,20 @@ def network(request: pytest.FixtureRequest) -> tuple[MoleculeGNN, Featurizer]:
     model = MoleculeGNN(featurizer.atom_feature_size, featurizer.descriptor_size, 2, config.model)
     # Non-trivial descriptor scaling, as after training.
     model.set_descriptor_scaling(
-        torch.linspace(0, 50, featurizer.descriptor_size), torch.linspace(1, 20, featurizer.descriptor_size)
+        torch.linspace(0, 50, featurizer.descriptor_size),
+        torch.linspace(1, 20, featurizer.descriptor_size),
     )
     return model.eval(), featurizer
 
 
 def _run(model: MoleculeGNN, inputs: dict[str, np.ndarray]) -> torch.Tensor:
     with torch.no_grad():
-        return model(*(torch.from_numpy(inputs[name]) for name in
-                       ("atom_features", "adjacency", "atom_mask", "descriptors")))
+        return model(
+            *(
+                torch.from_numpy(inputs[name])
+                for name in ("atom_features", "adjacency", "atom_mask", "descriptors")
+            )
+        )
 
 
 def test_output_has_one_value_per_target(network):
@@ -44,8 +49,12 @@ def test_output_has_one_value_per_target(network):
 def test_padding_size_does_not_change_predictions(network):
     model, featurizer = network
     graphs = [featurizer(smiles) for smiles in MOLECULES]
-    small = _run(model, pad_graphs(graphs, 14, featurizer.descriptor_size, len(featurizer)).as_inputs())
-    large = _run(model, pad_graphs(graphs, 128, featurizer.descriptor_size, len(featurizer)).as_inputs())
+    small = _run(
+        model, pad_graphs(graphs, 14, featurizer.descriptor_size, len(featurizer)).as_inputs()
+    )
+    large = _run(
+        model, pad_graphs(graphs, 128, featurizer.descriptor_size, len(featurizer)).as_inputs()
+    )
     torch.testing.assert_close(small, large, rtol=0, atol=1e-5)
 
 
@@ -69,7 +78,9 @@ def test_atom_order_does_not_change_predictions(network):
     order = np.random.default_rng(1).permutation(graph.num_atoms)
     permuted = {name: array.copy() for name, array in inputs.items()}
     permuted["atom_features"][0, : graph.num_atoms] = graph.atom_features[order]
-    permuted["adjacency"][0, : graph.num_atoms, : graph.num_atoms] = graph.adjacency[order][:, order]
+    permuted["adjacency"][0, : graph.num_atoms, : graph.num_atoms] = graph.adjacency[order][
+        :, order
+    ]
     assert not np.array_equal(permuted["atom_features"], inputs["atom_features"])
     torch.testing.assert_close(_run(model, inputs), _run(model, permuted), rtol=0, atol=1e-5)
 
@@ -77,7 +88,9 @@ def test_atom_order_does_not_change_predictions(network):
 def test_different_molecules_get_different_predictions(network):
     model, featurizer = network
     graphs = [featurizer("CCO"), featurizer("c1ccccc1O")]
-    output = _run(model, pad_graphs(graphs, 16, featurizer.descriptor_size, len(featurizer)).as_inputs())
+    output = _run(
+        model, pad_graphs(graphs, 16, featurizer.descriptor_size, len(featurizer)).as_inputs()
+    )
     assert not torch.allclose(output[0], output[1])
 
 

@@ -39,7 +39,9 @@ def test_a_few_steps_lower_the_loss(tmp_path, molecules_csv):
     data = prepare_data(config.data, config.preprocess, progress=False)
     featurizer = Featurizer(config.preprocess)
     torch.manual_seed(0)
-    network = MoleculeGNN(featurizer.atom_feature_size, featurizer.descriptor_size, 1, config.model)
+    network = MoleculeGNN(
+        featurizer.atom_feature_size, featurizer.descriptor_size, 1, config.model
+    )
     descriptors = np.stack([graph.descriptors for graph in data.graphs])
     network.set_descriptor_scaling(
         torch.from_numpy(descriptors.mean(0)), torch.from_numpy(descriptors.std(0))
@@ -70,9 +72,7 @@ def test_a_few_steps_lower_the_loss(tmp_path, molecules_csv):
 def test_masked_loss_ignores_missing_targets():
     outputs = torch.tensor([[0.3, 5.0], [-1.0, 2.0]])
     targets = torch.tensor([[1.0, float("nan")], [0.0, float("nan")]])
-    expected = torch.nn.functional.binary_cross_entropy_with_logits(
-        outputs[:, 0], targets[:, 0]
-    )
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(outputs[:, 0], targets[:, 0])
     torch.testing.assert_close(train.masked_loss(outputs, targets, "classification"), expected)
 
 
@@ -234,7 +234,10 @@ def test_regression_targets_are_standardized_and_restored(tmp_path):
         "smiles,logBB\n" + "".join(f"{row['SMILES']},{row['logBB']}\n" for row in rows)
     )
     config = _config(
-        tmp_path, data_path, "data.task=regression", "data.target_columns=[logBB]",
+        tmp_path,
+        data_path,
+        "data.task=regression",
+        "data.target_columns=[logBB]",
         "train.max_epochs=2",
     )
     result = train.run(config)
