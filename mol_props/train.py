@@ -418,7 +418,9 @@ def _fit(
             }
             state["history"].append(row)
             if tracker is not None:
-                tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+                tracker.log_metrics(
+                    {name: value for name, value in row.items() if name != "epoch"}, step=epoch + 1
+                )
             epochs.set_postfix(
                 loss=f"{train_loss:.4f}", **{f"val_{metric}": f"{val_metrics[metric]:.4f}"}
             )

@@ -29,7 +29,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # Parametrized from the folder at collection time, so a new option file is tested unasked.
     if "group_option" in metafunc.fixturenames:
         options = config_options()
-        metafunc.parametrize("group_option", options, ids=[f"{g}={o}" for g, o in options])
+        metafunc.parametrize(
+            "group_option", options, ids=[f"{group}={option}" for group, option in options]
+        )
 
 
 def node_for(config: Config, group: str) -> object:

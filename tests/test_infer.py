@@ -466,7 +466,7 @@ def test_file_mode_with_worker_processes_never_imports_torch(
     process, and still no torch."""
     smiles = [row["SMILES"] for row in b3db_rows(150)] + ["C1CC"]
     source = write_table(
-        tmp_path / "in.csv", ["n", "smiles"], [[str(i), s] for i, s in enumerate(smiles)]
+        tmp_path / "in.csv", ["n", "smiles"], [[str(i), text] for i, text in enumerate(smiles)]
     )
     outputs = {}
     for workers in (1, 2):
