@@ -7,14 +7,11 @@ missing, and must otherwise stay light.
 from __future__ import annotations
 
 import hashlib
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from mol_props.config import Config, DvcConfig
-
-LOGGER = logging.getLogger(__name__)
 
 
 class ArtifactError(RuntimeError):
@@ -85,12 +82,6 @@ def dvc_add_and_push(paths: Sequence[Path], settings: DvcConfig) -> list[Path]:
         repo.add(resolved)
         repo.push(targets=resolved)
     return [dvc_file_for(Path(path)) for path in paths]
-
-
-def dvc_push(dvc_files: Sequence[Path], settings: DvcConfig) -> None:
-    repo = _open_repo(settings, dvc_files[0])
-    with repo:
-        repo.push(targets=[str(Path(dvc_file).resolve()) for dvc_file in dvc_files])
 
 
 def pull_models(config: Config, needed: Sequence[Path]) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mol_props.config import Config, ModelConfig
+from mol_props.config import Config, ModelConfig, PreprocessConfig
 from mol_props.featurize import FEATURIZER_VERSION, Featurizer, MoleculeGraph, pad_graphs
 from mol_props.infer import ModelMetadata
 from mol_props.model import MoleculeGNN, PredictionModel
@@ -148,11 +148,13 @@ def check_parity(
     return difference
 
 
-def _validation_graphs(config: Config, featurizer: Featurizer, count: int) -> list[MoleculeGraph]:
-    """Validation molecules of the configured data for the parity check."""
+def _validation_graphs(
+    config: Config, preprocess: PreprocessConfig, count: int
+) -> list[MoleculeGraph]:
+    """Validation molecules of the configured data, featurized as the checkpoint was trained."""
     from mol_props.data import prepare_data
 
-    data = prepare_data(config.data, config.preprocess, progress=False)
+    data = prepare_data(config.data, preprocess, progress=False)
     rows = data.splits["val"] if len(data.splits["val"]) else data.splits["train"]
     return [data.graphs[i] for i in rows[:count]]
 
@@ -169,15 +171,20 @@ def run(config: Config, validation_graphs: list[MoleculeGraph] | None = None) ->
     """The `mol_props export` command."""
     settings = config.export
     model, payload = load_prediction_model(Path(settings.checkpoint))
-    from omegaconf import OmegaConf
-
-    from mol_props.config import PreprocessConfig
-
-    preprocess = OmegaConf.to_object(
-        OmegaConf.merge(OmegaConf.structured(PreprocessConfig), payload["preprocess"])
+    # The metadata inference will read, built first so that the parity check featurizes exactly
+    # as inference will (and the featurizer widths are checked against the checkpoint's).
+    metadata = ModelMetadata(
+        task=payload["task"],
+        targets=list(payload["targets"]),
+        max_atoms=payload["preprocess"]["max_atoms"],
+        atom_feature_size=payload["atom_feature_size"],
+        descriptor_size=payload["descriptor_size"],
+        featurizer_version=FEATURIZER_VERSION,
+        preprocess=payload["preprocess"],
     )
-    featurizer = Featurizer(preprocess)
-    graphs = validation_graphs or _validation_graphs(config, featurizer, settings.parity_molecules)
+    preprocess = metadata.preprocess_config()
+    featurizer = metadata.featurizer()
+    graphs = validation_graphs or _validation_graphs(config, preprocess, settings.parity_molecules)
     max_atoms = preprocess.max_atoms
     fixed_path, dynamic_path = Path(settings.onnx_path), Path(settings.dynamic_onnx_path)
 
@@ -205,15 +212,6 @@ def run(config: Config, validation_graphs: list[MoleculeGraph] | None = None) ->
     print(
         f"export: parity ONNX Runtime vs PyTorch on {len(graphs)} validation molecules: "
         f"max |diff| = {difference:.2e} (tolerance {tolerance:.0e})"
-    )
-    metadata = ModelMetadata(
-        task=payload["task"],
-        targets=list(payload["targets"]),
-        max_atoms=max_atoms,
-        atom_feature_size=featurizer.atom_feature_size,
-        descriptor_size=featurizer.descriptor_size,
-        featurizer_version=FEATURIZER_VERSION,
-        preprocess=payload["preprocess"],
     )
     metadata_path = Path(settings.metadata_path)
     metadata.save(metadata_path)

@@ -173,7 +173,6 @@ def train_epoch(
     loader: DataLoader,
     config: TrainConfig,
     task: str,
-    epoch: int,
 ) -> float:
     model.train()
     total, count = 0.0, 0
@@ -406,7 +405,7 @@ def _fit(
             generator.manual_seed(settings.seed + epoch)
             epoch_started = time.perf_counter()
             train_loss = train_epoch(
-                fabric, model, optimizer, scheduler, train_loader, settings, task, epoch
+                fabric, model, optimizer, scheduler, train_loader, settings, task
             )
             val_metrics = validate(model, val_loader, task, scaling, data.target_names)
             row = {
