@@ -22,11 +22,10 @@ import multiprocessing
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from itertools import repeat
 
 import numpy as np
 from rdkit import Chem, rdBase
-from rdkit.Chem import Crippen, Descriptors, rdFingerprintGenerator, rdMolDescriptors
+from rdkit.Chem import Crippen, Descriptors, rdFingerprintGenerator, rdMolDescriptors, rdqueries
 from rdkit.Chem.rdchem import Atom
 from rdkit.Chem.Scaffolds import MurckoScaffold
 
@@ -61,7 +60,11 @@ HYBRIDIZATIONS = {
 }
 CHIRAL_TAGS = {str(value): int(value) for value in Chem.rdchem.ChiralType.values.values()}
 FRAGMENT_POLICIES = ("largest", "error", "keep_all")
-_UNSPECIFIED_CHIRALITY = Chem.rdchem.ChiralType.CHI_UNSPECIFIED
+_SP2 = int(Chem.rdchem.HybridizationType.SP2)
+_SP3 = int(Chem.rdchem.HybridizationType.SP3)
+_UNKNOWN_HYBRIDIZATION = -1  # in an invariant key: neither SP2 nor SP3, read from the atom
+# GetSubstructMatches of a one-atom pattern: every matching atom, however many.
+_EVERY_MATCH = {"uniquify": False, "maxMatches": 1_000_000}
 # An isotope can only be written at the start of a bracket atom: "[13C]", "[2H]".
 _ISOTOPE = re.compile(r"\[\d")
 
@@ -197,6 +200,10 @@ class Featurizer:
         self.descriptor_size = len(self._descriptor_functions) + config.fingerprint.size
         self._periodic_table = Chem.GetPeriodicTable()
         self._rows: dict[tuple, np.ndarray] = {}
+        self._rows_by_invariants: dict[tuple, np.ndarray] = {}
+        self._sp2_query = Chem.MolFromSmarts("[^2]")
+        self._sp3_query = Chem.MolFromSmarts("[^3]")
+        self._chiral_query = rdqueries.HasChiralTagQueryAtom()
 
     def __len__(self) -> int:
         return self.atom_feature_size
@@ -204,15 +211,16 @@ class Featurizer:
     def __call__(self, smiles: str, with_keys: bool = False) -> MoleculeGraph:
         """Featurize one SMILES; `with_keys` adds canonical SMILES and Bemis-Murcko scaffold."""
         molecule = self.parse(smiles)
-        adjacency, degrees = self._adjacency_and_degrees(molecule)
-        atom_features = self._atom_features(
-            molecule,
-            degrees,
-            # Only a bracket atom written with "@" gets a chiral tag, and only "[13C]"-style
-            # bracket atoms carry an isotope: without them those per-atom reads are skipped.
-            stereo="@" in smiles,
-            isotopes=_ISOTOPE.search(smiles) is not None,
-        )
+        adjacency = self._adjacency(molecule)
+        if _ISOTOPE.search(smiles):
+            # Isotopes change the mass feature, which the connectivity invariants do not carry.
+            atom_features = self.atom_features(molecule)
+        else:
+            # Only a bracket atom written with "@" gets a chiral tag: without one, no atom is
+            # asked for its tag.
+            atom_features = self._atom_features_by_invariants(
+                molecule, adjacency, stereo="@" in smiles
+            )
         graph = MoleculeGraph(
             atom_features=atom_features,
             adjacency=adjacency,
@@ -269,56 +277,103 @@ class Featurizer:
 
         return max(fragments, key=rank)
 
-    def atom_features(self, molecule: Chem.Mol) -> np.ndarray:
-        """[n, F] float32: one-hot groups with unknown slots, then aromatic, ring, mass/100."""
-        degrees = [atom.GetDegree() for atom in molecule.GetAtoms()]
-        return self._atom_features(molecule, degrees, stereo=True, isotopes=True)
-
-    def _adjacency_and_degrees(self, molecule: Chem.Mol) -> tuple[np.ndarray, list[int]]:
-        """[n, n] float32 symmetric bond-order adjacency, and each atom's degree."""
+    @staticmethod
+    def _adjacency(molecule: Chem.Mol) -> np.ndarray:
+        """[n, n] float32 symmetric bond-order adjacency."""
         adjacency = Chem.GetAdjacencyMatrix(molecule, useBO=True).astype(np.float32)
-        degrees = adjacency.astype(bool).sum(axis=1).tolist()
-        if sum(degrees) == 2 * molecule.GetNumBonds():
-            # Every bond filled both of its cells: the row counts are the degrees, read here with
-            # two numpy calls instead of one RDKit call per atom.
-            return adjacency, degrees
+        if np.count_nonzero(adjacency) == 2 * molecule.GetNumBonds():
+            return adjacency  # every bond filled both of its cells
         # RDKit fills only the (donor, acceptor) cell of a dative bond ("N->[Fe]") and neither
-        # cell of a zero-order bond: mirror the matrix so messages flow both ways, and ask each
-        # atom for its degree, which counts every bond.
-        adjacency = np.maximum(adjacency, adjacency.T)
-        return adjacency, [atom.GetDegree() for atom in molecule.GetAtoms()]
+        # cell of a zero-order bond: mirror the matrix so messages flow both ways.
+        return np.maximum(adjacency, adjacency.T)
 
-    def _atom_features(
-        self, molecule: Chem.Mol, degrees: Sequence[int], stereo: bool, isotopes: bool
-    ) -> np.ndarray:
-        """Atom features from per-atom keys; `stereo`/`isotopes` False skip reading those."""
-        # Speed: each property read through RDKit's Python API costs about half a microsecond and
-        # each numpy call about one. So each property is read once per atom, by one `map` over
-        # the unbound method (a fifth cheaper than building a tuple per atom), into a hashable
-        # key; the few hundred distinct keys of a dataset map to rows built once by `_row`.
-        # None in the mass slot: no isotope, so the element's standard weight.
-        atoms = list(map(molecule.GetAtomWithIdx, range(len(degrees))))
-        keys = list(
-            zip(
-                map(Atom.GetAtomicNum, atoms),
-                degrees,
-                map(Atom.GetFormalCharge, atoms),
-                map(Atom.GetHybridization, atoms),
-                map(Atom.GetTotalNumHs, atoms),
-                map(Atom.GetChiralTag, atoms) if stereo else repeat(_UNSPECIFIED_CHIRALITY),
-                map(Atom.GetIsAromatic, atoms),
-                map(Atom.IsInRing, atoms),
-                map(Atom.GetMass, atoms) if isotopes else repeat(None),
-            )
+    def atom_features(self, molecule: Chem.Mol) -> np.ndarray:
+        """[n, F] float32: one-hot groups with unknown slots, then aromatic, ring, mass/100.
+
+        Reads every property of every atom: the reference path, taken for molecules with
+        isotopes (the mass feature) and by tests that check `_atom_features_by_invariants`.
+        """
+        atoms = list(molecule.GetAtoms())
+        # Each property is read once per atom by one `map` over the unbound method (a fifth
+        # cheaper than building a tuple per atom) into a hashable key; `_row` builds each
+        # distinct key's row once.
+        keys = zip(
+            map(Atom.GetAtomicNum, atoms),
+            map(Atom.GetDegree, atoms),
+            map(Atom.GetFormalCharge, atoms),
+            map(Atom.GetHybridization, atoms),
+            map(Atom.GetTotalNumHs, atoms),
+            map(Atom.GetChiralTag, atoms),
+            map(Atom.GetIsAromatic, atoms),
+            map(Atom.IsInRing, atoms),
+            map(Atom.GetMass, atoms),
         )
         # np.array of equal-length rows: a third of np.stack's cost for a few dozen rows.
+        return np.array([self._row(key) for key in keys])
+
+    def _atom_features_by_invariants(
+        self, molecule: Chem.Mol, adjacency: np.ndarray, stereo: bool
+    ) -> np.ndarray:
+        """The rows of `atom_features` (isotopes aside), keyed by whole-molecule RDKit calls.
+
+        Wrapping one RDKit atom for Python costs ~2 us, more than reading a property from it, so
+        reading atoms one by one took ~130 us for a 27-atom molecule, a third of featurizing it.
+        Here each atom's key comes from a few calls over the whole molecule (~70 us):
+        - ECFP connectivity invariants: one integer per atom from its atomic number, degree, total
+          H count, formal charge and ring membership;
+        - hybridization from two SMARTS matches ([^2], [^3]); other atoms are read one by one;
+        - aromatic: the atom has an aromatic (1.5) bond in the adjacency;
+        - chiral tags (only when the SMILES has "@") from the atoms that carry one.
+        A key seen for the first time is resolved by reading its atom with `_row`, so the rows
+        are the reference rows; tests compare both paths on real molecules. The invariant is a
+        32-bit hash, as in every ECFP fingerprint: two atom kinds sharing one would need a hash
+        collision among the few hundred kinds one process meets.
+        """
+        num_atoms = adjacency.shape[0]
+        invariants = rdMolDescriptors.GetConnectivityInvariants(molecule, True)
+        hybridizations = [_UNKNOWN_HYBRIDIZATION] * num_atoms
+        for (index,) in molecule.GetSubstructMatches(self._sp3_query, **_EVERY_MATCH):
+            hybridizations[index] = _SP3
+        for (index,) in molecule.GetSubstructMatches(self._sp2_query, **_EVERY_MATCH):
+            hybridizations[index] = _SP2
+        chiral_tags = [0] * num_atoms
+        if stereo:
+            for atom in molecule.GetAtomsMatchingQuery(self._chiral_query):
+                chiral_tags[atom.GetIdx()] = int(atom.GetChiralTag())
+        aromatic = (adjacency == 1.5).any(axis=1).tolist()  # [n] bool
+        keys = list(zip(invariants, hybridizations, chiral_tags, aromatic))
         try:
-            return np.array([self._rows[key] for key in keys])
+            return np.array([self._rows_by_invariants[key] for key in keys])
         except KeyError:
-            return np.array([self._row(key) for key in keys])
+            return np.array([self._row_of_atom(molecule, i, key) for i, key in enumerate(keys)])
+
+    def _row_of_atom(self, molecule: Chem.Mol, index: int, key: tuple) -> np.ndarray:
+        """The row for an invariant key, read from its atom the first time the key is seen."""
+        row = self._rows_by_invariants.get(key)
+        if row is not None:
+            return row
+        atom = molecule.GetAtomWithIdx(index)
+        row = self._row(
+            (
+                atom.GetAtomicNum(),
+                atom.GetDegree(),
+                atom.GetFormalCharge(),
+                atom.GetHybridization(),
+                atom.GetTotalNumHs(),
+                atom.GetChiralTag(),
+                atom.GetIsAromatic(),
+                atom.IsInRing(),
+                None,  # no isotope: the element's standard weight
+            )
+        )
+        # A hybridization other than SP2/SP3 is not in the key: such rows are never kept.
+        known_hybridization = key[1] != _UNKNOWN_HYBRIDIZATION
+        if known_hybridization and len(self._rows_by_invariants) < self._MAX_CACHED_ROWS:
+            self._rows_by_invariants[key] = row
+        return row
 
     def _row(self, key: tuple) -> np.ndarray:
-        """The feature row of one atom key (see `_atom_features`); cached up to a bound."""
+        """The feature row of one atom key (see `atom_features`); cached up to a bound."""
         row = self._rows.get(key)
         if row is not None:
             return row

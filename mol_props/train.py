@@ -207,7 +207,8 @@ def predict(
         targets.append(batch["targets"].cpu().numpy())
     raw_all = np.concatenate(outputs)
     if task == "classification":
-        values = 1.0 / (1.0 + np.exp(-raw_all))
+        # torch's sigmoid: 1 / (1 + exp(-x)) in numpy overflows (and warns) for logits below -88.
+        values = torch.sigmoid(torch.from_numpy(raw_all)).numpy()
         target_values = np.concatenate(targets)
     else:
         values = raw_all * scaling.std + scaling.mean
