@@ -8,7 +8,8 @@
 
 Every op is a MatMul, an elementwise op or a ReduceSum, so the graph exports to plain ONNX and
 TensorRT. Padded atoms contribute nothing: every layer's output is multiplied by the mask, the
-adjacency has no edges to them, LayerNorm works per atom, and pooling divides by the real atom count.
+adjacency has no edges to them, LayerNorm works per atom, and pooling divides by the real atom
+count.
 """
 
 from __future__ import annotations
