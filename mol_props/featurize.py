@@ -322,11 +322,12 @@ class Featurizer:
         atom-by-atom path):
         - ECFP connectivity invariants: one integer per atom from its atomic number, degree, total
           H count, formal charge and ring membership;
-        - hybridization from two SMARTS matches ([^2], [^3]); other atoms are read one by one;
+        - hybridization from two SMARTS matches ([^2], [^3]); a molecule with any other is
+          read atom by atom;
         - aromatic: the atom has an aromatic (1.5) bond in the adjacency;
         - chiral tags (only when the SMILES has "@") from the atoms that carry one.
-        A key seen for the first time is resolved by reading its atom with `_row`, so the rows
-        are the reference rows; tests compare both paths on real molecules. The invariant is a
+        A molecule with a key not seen before is read atom by atom with `atom_features`, so the
+        rows are the reference rows; tests compare both paths on real molecules. The invariant is a
         32-bit hash, as in every ECFP fingerprint: two atom kinds sharing one would need a hash
         collision among the few hundred kinds one process meets.
         """
@@ -346,32 +347,16 @@ class Featurizer:
         try:
             return np.array([self._rows_by_invariants[key] for key in keys])
         except KeyError:
-            return np.array([self._row_of_atom(molecule, i, key) for i, key in enumerate(keys)])
-
-    def _row_of_atom(self, molecule: Chem.Mol, index: int, key: tuple) -> np.ndarray:
-        """The row for an invariant key, read from its atom the first time the key is seen."""
-        row = self._rows_by_invariants.get(key)
-        if row is not None:
-            return row
-        atom = molecule.GetAtomWithIdx(index)
-        row = self._row(
-            (
-                atom.GetAtomicNum(),
-                atom.GetDegree(),
-                atom.GetFormalCharge(),
-                atom.GetHybridization(),
-                atom.GetTotalNumHs(),
-                atom.GetChiralTag(),
-                atom.GetIsAromatic(),
-                atom.IsInRing(),
-                None,  # no isotope: the element's standard weight
-            )
-        )
-        # A hybridization other than SP2/SP3 is not in the key: such rows are never kept.
-        known_hybridization = key[1] != _UNKNOWN_HYBRIDIZATION
-        if known_hybridization and len(self._rows_by_invariants) < self._MAX_CACHED_ROWS:
-            self._rows_by_invariants[key] = row
-        return row
+            # A key not seen yet: the reference path reads every atom; its rows are kept by key.
+            rows = self.atom_features(molecule)  # [n, F]
+        for key, row in zip(keys, rows):
+            # A hybridization other than SP2/SP3 is not in the key: such rows are never kept.
+            known_hybridization = key[1] != _UNKNOWN_HYBRIDIZATION
+            if known_hybridization and len(self._rows_by_invariants) < self._MAX_CACHED_ROWS:
+                kept = row.copy()  # not a view into the array handed to the caller
+                kept.flags.writeable = False
+                self._rows_by_invariants.setdefault(key, kept)
+        return rows
 
     def _row(self, key: tuple) -> np.ndarray:
         """The feature row of one atom key (see `atom_features`); cached up to a bound."""
