@@ -87,6 +87,14 @@ class ModelConfig:
     sum_pooling_scale: float = MISSING  # sum pooling is divided by this (a typical atom count)
     dropout: float = MISSING
     descriptor_hidden_dim: int = MISSING  # 0 = ignore the descriptor vector
+    # Standardized descriptors are clipped to +-this (0 = off): a count seen in a handful of
+    # training molecules has a tiny std and would otherwise reach values in the hundreds.
+    descriptor_clip: float = 0.0
+    # A second member beside the GNN: an MLP on the descriptors and log1p(Morgan counts), with its
+    # own loss; the outputs (logits) are averaged, weighted. 0 = no fingerprint member.
+    fingerprint_hidden_dim: int = 0
+    fingerprint_dropout: float = 0.5
+    fingerprint_weight: float = 0.3  # its share of the averaged output
     head_hidden_dim: int = MISSING
     head_layers: int = MISSING
 

@@ -47,6 +47,7 @@ def load_prediction_model(checkpoint: Path) -> tuple[PredictionModel, dict]:
         payload["descriptor_size"],
         len(payload["targets"]),
         ModelConfig(**payload["model_config"]),
+        fingerprint_size=payload["preprocess"]["fingerprint"]["size"],
     )
     network.load_state_dict(payload["model"])
     model = PredictionModel(

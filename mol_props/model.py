@@ -4,7 +4,14 @@
         -> num_layers x (DenseGINConv | DenseGraphConv, LayerNorm, ReLU, dropout, residual)
         -> masked mean pool                                     [B, H]
     descriptors   [B, D] --standardize, MLP-->                  [B, Hd]
-    concat -> MLP head -> logits / standardized values          [B, T]
+    concat -> MLP head -> logits / standardized values          [B, T]   (the GNN member)
+
+With Morgan counts in the descriptor vector and `model.fingerprint_hidden_dim` > 0, a second
+member, an MLP on the standardized descriptors and log1p(counts), gives its own [B, T]; the model's
+output is the weighted mean of the two. Each member is trained on its own loss (as two separately
+trained models would be), because their errors differ: on the benchmark's validation split the
+pair beat either alone, while the counts fed into the GNN's descriptor MLP made it overfit within
+a few epochs.
 
 Every op is a MatMul, an elementwise op or a ReduceSum, so the graph exports to plain ONNX and
 TensorRT. Padded atoms contribute nothing: every layer's output is multiplied by the mask, the
@@ -50,8 +57,32 @@ def _convolution(kind: str, hidden_dim: int) -> nn.Module:
     raise ValueError(f"unknown model.conv={kind!r}: gin | graph")
 
 
+class FingerprintMLP(nn.Module):
+    """The fingerprint member: [standardized descriptors, log1p(Morgan counts)] -> [B, T]."""
+
+    def __init__(self, input_size: int, num_targets: int, config: ModelConfig) -> None:
+        super().__init__()
+        hidden = config.fingerprint_hidden_dim
+        self.layers = nn.Sequential(
+            nn.Dropout(config.fingerprint_dropout),  # on the input: counts are sparse and many
+            nn.Linear(input_size, hidden),
+            nn.ReLU(),
+            nn.Dropout(config.fingerprint_dropout),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Dropout(config.fingerprint_dropout),
+            nn.Linear(hidden, num_targets),
+        )
+
+    def forward(self, scaled_descriptors: Tensor, counts: Tensor) -> Tensor:
+        # log1p: a count of 20 should not weigh twenty times a count of 1.
+        return self.layers(torch.cat([scaled_descriptors, torch.log1p(counts)], dim=-1))
+
+
 class MoleculeGNN(nn.Module):
-    """Dense GNN + descriptor MLP; returns raw outputs (logits or standardized values) [B, T]."""
+    """Dense GNN + descriptor MLP (+ fingerprint member); raw outputs [B, T] (logits or
+    standardized values). `fingerprint_size` is how many of the D descriptor columns, at the end,
+    are Morgan counts."""
 
     def __init__(
         self,
@@ -59,6 +90,7 @@ class MoleculeGNN(nn.Module):
         descriptor_size: int,
         num_targets: int,
         config: ModelConfig,
+        fingerprint_size: int = 0,
     ) -> None:
         super().__init__()
         hidden = config.hidden_dim
@@ -68,7 +100,11 @@ class MoleculeGNN(nn.Module):
         )
         self.norms = nn.ModuleList([nn.LayerNorm(hidden) for _ in range(config.num_layers)])
         self.dropout = nn.Dropout(config.dropout)
-        self.use_descriptors = config.descriptor_hidden_dim > 0 and descriptor_size > 0
+        self.use_fingerprint = config.fingerprint_hidden_dim > 0 and fingerprint_size > 0
+        # With a fingerprint member the counts go to it alone; the GNN keeps the descriptors.
+        self.plain_size = descriptor_size - (fingerprint_size if self.use_fingerprint else 0)
+        self.use_descriptors = config.descriptor_hidden_dim > 0 and self.plain_size > 0
+        self.descriptor_clip = float(config.descriptor_clip)
         # Descriptor scaling is part of the model (and so of the ONNX graph): set from train data.
         self.register_buffer("descriptor_mean", torch.zeros(descriptor_size))
         self.register_buffer("descriptor_std", torch.ones(descriptor_size))
@@ -80,7 +116,7 @@ class MoleculeGNN(nn.Module):
         head_input = hidden * (2 if self.sum_pooling else 1)
         if self.use_descriptors:
             self.descriptor_mlp = nn.Sequential(
-                nn.Linear(descriptor_size, config.descriptor_hidden_dim),
+                nn.Linear(self.plain_size, config.descriptor_hidden_dim),
                 nn.ReLU(),
                 nn.Dropout(config.dropout),
                 nn.Linear(config.descriptor_hidden_dim, config.descriptor_hidden_dim),
@@ -98,6 +134,13 @@ class MoleculeGNN(nn.Module):
             width = config.head_hidden_dim
         layers.append(nn.Linear(width, num_targets))
         self.head = nn.Sequential(*layers)
+        self.fingerprint_mlp = (
+            FingerprintMLP(descriptor_size, num_targets, config) if self.use_fingerprint else None
+        )
+        weights = [1.0 - config.fingerprint_weight, config.fingerprint_weight]
+        self.register_buffer(
+            "member_weights", torch.tensor(weights if self.use_fingerprint else [1.0])
+        )
 
     def set_descriptor_scaling(self, mean: Tensor, std: Tensor) -> None:
         self.descriptor_mean.copy_(mean)
@@ -105,6 +148,26 @@ class MoleculeGNN(nn.Module):
 
     def forward(
         self, atom_features: Tensor, adjacency: Tensor, atom_mask: Tensor, descriptors: Tensor
+    ) -> Tensor:
+        members = self.member_outputs(atom_features, adjacency, atom_mask, descriptors)
+        return members @ self.member_weights  # [B, T, M] @ [M] -> [B, T]
+
+    def member_outputs(
+        self, atom_features: Tensor, adjacency: Tensor, atom_mask: Tensor, descriptors: Tensor
+    ) -> Tensor:
+        """Each member's raw outputs [B, T, M]: the GNN, then the fingerprint MLP if any."""
+        scaled = (descriptors - self.descriptor_mean) / self.descriptor_std  # [B, D]
+        if self.descriptor_clip > 0:
+            scaled = scaled.clamp(-self.descriptor_clip, self.descriptor_clip)  # ONNX Clip
+        plain = scaled[:, : self.plain_size]  # [B, D - fingerprint size]
+        members = [self._gnn(atom_features, adjacency, atom_mask, plain)]
+        if self.fingerprint_mlp is not None:
+            counts = descriptors[:, self.plain_size :]  # [B, fingerprint size], raw counts
+            members.append(self.fingerprint_mlp(plain, counts))
+        return torch.stack(members, dim=-1)  # [B, T, M]
+
+    def _gnn(
+        self, atom_features: Tensor, adjacency: Tensor, atom_mask: Tensor, plain: Tensor
     ) -> Tensor:
         mask = atom_mask.unsqueeze(-1)  # [B, N, 1]
         hidden = self.atom_embedding(atom_features) * mask  # [B, N, H], padding rows zero
@@ -120,8 +183,7 @@ class MoleculeGNN(nn.Module):
             # Scaled so a typical molecule (~25 heavy atoms) gives values near the mean's.
             pooled = torch.cat([pooled, summed / self.sum_pooling_scale], dim=-1)  # [B, 2H]
         if self.use_descriptors:
-            scaled = (descriptors - self.descriptor_mean) / self.descriptor_std  # [B, D]
-            pooled = torch.cat([pooled, self.descriptor_mlp(scaled)], dim=-1)  # [B, H + Hd]
+            pooled = torch.cat([pooled, self.descriptor_mlp(plain)], dim=-1)  # [B, H + Hd]
         return self.head(pooled)  # [B, T]
 
 

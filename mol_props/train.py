@@ -177,10 +177,14 @@ def train_epoch(
     model.train()
     total, count = 0.0, 0
     for batch in loader:
-        outputs = model(
+        members = model.member_outputs(
             batch["atom_features"], batch["adjacency"], batch["atom_mask"], batch["descriptors"]
-        )  # [B, T]
-        loss = masked_loss(outputs, batch["targets"], task)
+        )  # [B, T, M]
+        # Each member learns on its own loss, as separately trained models of an ensemble would.
+        losses = [
+            masked_loss(members[..., k], batch["targets"], task) for k in range(members.shape[-1])
+        ]
+        loss = torch.stack(losses).mean()
         optimizer.zero_grad(set_to_none=True)
         fabric.backward(loss)
         fabric.clip_gradients(model, optimizer, max_norm=config.gradient_clip)
@@ -334,6 +338,7 @@ def _fit(
         featurizer.descriptor_size,
         len(data.target_names),
         config.model,
+        fingerprint_size=config.preprocess.fingerprint.size,
     )
     descriptors = np.stack([data.graphs[i].descriptors for i in train_rows])  # [M_train, D]
     network.set_descriptor_scaling(
@@ -344,6 +349,7 @@ def _fit(
     )
     scheduler = make_scheduler(optimizer, settings, len(train_loader))
     model, optimizer = fabric.setup(network, optimizer)
+    model.mark_forward_method("member_outputs")  # the training step calls it
     # The train batch sampler splits batches across processes itself; evaluation runs whole
     # on every process (validation sets are small).
     train_loader, val_loader = fabric.setup_dataloaders(

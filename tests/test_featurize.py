@@ -248,7 +248,7 @@ def test_width_is_len_of_featurizer(preprocess: PreprocessConfig):
     featurizer = Featurizer(preprocess)
     assert len(featurizer) == featurizer.atom_feature_size == expected_width(preprocess)
     assert featurizer("CCO").atom_features.shape[1] == len(featurizer)
-    assert featurizer.descriptor_size == len(preprocess.descriptors)
+    assert featurizer.descriptor_size == len(preprocess.descriptors) + preprocess.fingerprint.size
 
     smaller = dataclasses.replace(preprocess.atom, elements=[6, 7, 8], degrees=[1, 2])
     with_fingerprint = with_settings(

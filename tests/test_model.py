@@ -13,12 +13,31 @@ from mol_props.model import MoleculeGNN, PredictionModel
 MOLECULES = ["CCO", "c1ccccc1O", "CC(=O)[O-]", "C[C@H](N)C(=O)O", "CN1C=NC2=C1C(=O)N(C(=O)N2C)C"]
 
 
-@pytest.fixture(scope="module", params=["gin", "graph"])
+# Each model variant: the GNN alone with either convolution, and with the fingerprint member.
+VARIANTS = {
+    "gin": ["model.conv=gin", "model.fingerprint_hidden_dim=0"],
+    "graph": ["model.conv=graph", "model.fingerprint_hidden_dim=0"],
+    "gin+fingerprint": [
+        "model.conv=gin",
+        "preprocess.fingerprint.size=64",
+        "model.fingerprint_hidden_dim=32",
+        "model.fingerprint_dropout=0.0",
+    ],
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
 def network(request: pytest.FixtureRequest) -> tuple[MoleculeGNN, Featurizer]:
-    config = compose_config([f"model.conv={request.param}", "model.dropout=0.0"])
+    config = compose_config(VARIANTS[request.param] + ["model.dropout=0.0"])
     featurizer = Featurizer(config.preprocess)
     torch.manual_seed(0)
-    model = MoleculeGNN(featurizer.atom_feature_size, featurizer.descriptor_size, 2, config.model)
+    model = MoleculeGNN(
+        featurizer.atom_feature_size,
+        featurizer.descriptor_size,
+        2,
+        config.model,
+        fingerprint_size=config.preprocess.fingerprint.size,
+    )
     # Non-trivial descriptor scaling, as after training.
     model.set_descriptor_scaling(
         torch.linspace(0, 50, featurizer.descriptor_size),
@@ -104,3 +123,51 @@ def test_prediction_model_returns_probability_or_original_units(network):
     regressor = PredictionModel(model, "regression", mean, std).eval()
     torch.testing.assert_close(_run(classifier, inputs), torch.sigmoid(raw))
     torch.testing.assert_close(_run(regressor, inputs), raw * std + mean)
+
+
+def test_fingerprint_member_is_averaged_with_the_gnn():
+    config = compose_config(
+        ["preprocess.fingerprint.size=64", "model.fingerprint_hidden_dim=32"]
+        + ["model.fingerprint_weight=0.25"]
+    )
+    featurizer = Featurizer(config.preprocess)
+    torch.manual_seed(0)
+    model = MoleculeGNN(
+        featurizer.atom_feature_size, featurizer.descriptor_size, 2, config.model, 64
+    ).eval()
+    graphs = [featurizer(smiles) for smiles in MOLECULES]
+    inputs = pad_graphs(graphs, 32, featurizer.descriptor_size, len(featurizer)).as_inputs()
+    tensors = [torch.from_numpy(inputs[name]) for name in inputs]
+    with torch.no_grad():
+        members = model.member_outputs(*tensors)  # [B, T, 2]
+        combined = model(*tensors)
+    assert members.shape == (len(MOLECULES), 2, 2)
+    assert not torch.allclose(members[..., 0], members[..., 1])
+    torch.testing.assert_close(combined, 0.75 * members[..., 0] + 0.25 * members[..., 1])
+    # The counts reach only the fingerprint member: changing them leaves the GNN member alone.
+    tensors[3] = tensors[3].clone()
+    tensors[3][:, -64:] += 3.0
+    with torch.no_grad():
+        changed = model.member_outputs(*tensors)
+    torch.testing.assert_close(changed[..., 0], members[..., 0])
+    assert not torch.allclose(changed[..., 1], members[..., 1])
+
+
+def test_descriptor_clip_bounds_the_standardized_descriptors():
+    outputs = {}
+    for clip in (0.0, 2.0):
+        config = compose_config([f"model.descriptor_clip={clip}", "model.dropout=0.0"])
+        featurizer = Featurizer(config.preprocess)
+        torch.manual_seed(0)
+        model = MoleculeGNN(
+            featurizer.atom_feature_size, featurizer.descriptor_size, 1, config.model
+        ).eval()
+        graphs = [featurizer(smiles) for smiles in MOLECULES]
+        inputs = pad_graphs(graphs, 32, featurizer.descriptor_size, len(featurizer)).as_inputs()
+        large, larger = dict(inputs), dict(inputs)
+        # Standardized with mean 0, std 1: every nonzero descriptor lands far beyond +-2.
+        large["descriptors"] = inputs["descriptors"] * 1000
+        larger["descriptors"] = inputs["descriptors"] * 2000
+        outputs[clip] = (_run(model, large), _run(model, larger))
+    assert not torch.allclose(*outputs[0.0])
+    torch.testing.assert_close(*outputs[2.0])

@@ -3,6 +3,7 @@ metrics reach a real MLflow server, and a missing server neither hangs nor fails
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,10 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from mol_props import train
+from mol_props import export, train
 from mol_props.config import compose_config
 from mol_props.data import prepare_data
 from mol_props.featurize import Featurizer
+from mol_props.infer import ModelMetadata
 from mol_props.model import MoleculeGNN
 from tests.conftest import REPO_ROOT, TINY_MODEL, workspace_overrides, write_molecule_csv
 
@@ -110,6 +112,25 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, molecules_csv, monkeyp
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
     assert resumed.test_metrics == uninterrupted.test_metrics
+
+
+def test_fingerprint_member_trains_and_exports_with_onnx_parity(tmp_path, molecules_csv):
+    shutil.copytree(REPO_ROOT / "triton_repo", tmp_path / "triton_repo")  # export fills a copy
+    config = _config(
+        tmp_path,
+        molecules_csv,
+        "preprocess.fingerprint.size=64",
+        "model.fingerprint_hidden_dim=16",
+    )
+    result = train.run(config)
+    weights = _weights(result.checkpoint)
+    assert any(name.startswith("fingerprint_mlp.") for name in weights)
+    torch.testing.assert_close(weights["member_weights"], torch.tensor([0.7, 0.3]))
+    assert result.test_metrics and all(np.isfinite(list(result.test_metrics.values())))
+    exported = export.run(config)  # fails loudly above 1e-4 between ONNX Runtime and PyTorch
+    assert exported.max_difference <= 1e-4
+    metadata = ModelMetadata.load(exported.metadata_path)
+    assert metadata.descriptor_size == len(config.preprocess.descriptors) + 64
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, molecules_csv):
