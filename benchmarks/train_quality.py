@@ -3,6 +3,13 @@
     uv run python benchmarks/train_quality.py                       # classification, seeds 0 1 2
     uv run python benchmarks/train_quality.py --task=regression
     uv run python benchmarks/train_quality.py --seeds='[0]' --extra='["model.hidden_dim=96"]'
+    uv run python benchmarks/train_quality.py --task=regression --extra='["train=small_data"]' \
+        --pretrain --extra_finetune='["train.learning_rate=0.001"]'
+
+With --pretrain (regression), a classifier is first trained once (seed 0, default training
+settings, the `model.`/`preprocess.` overrides of --extra) on the classification benchmark table
+minus every molecule of the regression split's val and test rows (by canonical SMILES), and each
+seed starts from its weights (`train.init_from`).
 
 Each seed is a fresh `mol_props train` process (start-up, featurization and the ONNX export
 included in its wall time), trained on the split's `train` rows, early-stopped on `val`, and
@@ -11,6 +18,7 @@ scored once on `test`. The split files are ../shared/benchmark/*.csv (see its RE
 
 from __future__ import annotations
 
+import csv
 import re
 import shutil
 import statistics
@@ -31,10 +39,10 @@ MAIN_METRIC = {"classification": "roc_auc", "regression": "rmse"}
 CHEMPROP = {"classification": "ROC-AUC 0.784 in 10.5 min", "regression": "RMSE 0.696 in 1.3 min"}
 
 
-def split_overrides(task: str, benchmark_dir: Path) -> list[str]:
+def split_overrides(task: str, data_path: Path) -> list[str]:
     return [
         "data=csv",
-        f"data.path={benchmark_dir / SPLITS[task]}",
+        f"data.path={data_path}",
         "data.smiles_column=smiles",
         "data.target_columns=[label]",
         f"data.task={task}",
@@ -45,8 +53,8 @@ def split_overrides(task: str, benchmark_dir: Path) -> list[str]:
     ]
 
 
-def run_seed(task: str, seed: int, benchmark_dir: Path, extra: list[str], work: Path) -> dict:
-    overrides = split_overrides(task, benchmark_dir) + [
+def run_seed(task: str, seed: int, data_path: Path, extra: list[str], work: Path) -> dict:
+    overrides = split_overrides(task, data_path) + [
         f"train.seed={seed}",
         "train.progress=false",
         f"train.checkpoint_dir={work / 'checkpoints'}",
@@ -73,19 +81,60 @@ def run_seed(task: str, seed: int, benchmark_dir: Path, extra: list[str], work: 
     return {"seed": seed, "seconds": seconds, **metrics}
 
 
+def pretraining_table(benchmark_dir: Path, destination: Path) -> Path:
+    """The classification table without the regression split's val and test molecules."""
+    from rdkit import Chem, rdBase
+
+    def canonical(smiles: str) -> str | None:
+        molecule = Chem.MolFromSmiles(smiles)
+        return Chem.MolToSmiles(molecule) if molecule is not None else None
+
+    with rdBase.BlockLogs():
+        with (benchmark_dir / SPLITS["regression"]).open(newline="") as handle:
+            held_out = {
+                canonical(row["smiles"])
+                for row in csv.DictReader(handle)
+                if row["split"] in ("val", "test")
+            } - {None}
+        with (benchmark_dir / SPLITS["classification"]).open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            columns = list(reader.fieldnames or [])
+            kept = [row for row in reader if canonical(row["smiles"]) not in held_out]
+    with destination.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(kept)
+    print(f"pretraining table: {len(kept):,} molecules ({len(held_out)} regression val/test out)")
+    return destination
+
+
 def main(
     task: str = "classification",
     seeds: tuple[int, ...] = (0, 1, 2),
     extra: tuple[str, ...] = (),
     benchmark_dir: str = str(REPO_ROOT.parent / "shared" / "benchmark"),
+    pretrain: bool = False,
+    extra_finetune: tuple[str, ...] = (),
 ) -> None:
     metric = MAIN_METRIC[task]
+    splits = Path(benchmark_dir)
     results = []
     with tempfile.TemporaryDirectory() as scratch:
         # Export fills a model repository: a scratch copy, not the checkout's triton_repo/.
         shutil.copytree(REPO_ROOT / "triton_repo", Path(scratch) / "triton_repo")
+        overrides = list(extra) + list(extra_finetune)
+        if pretrain:
+            if task != "regression":
+                raise SystemExit("--pretrain starts the regression model from a classifier")
+            work = Path(scratch) / "pretrain"
+            shutil.copytree(REPO_ROOT / "triton_repo", work / "triton_repo")
+            table = pretraining_table(splits, Path(scratch) / "pretrain.csv")
+            shared = [item for item in extra if item.startswith(("model.", "preprocess."))]
+            result = run_seed("classification", 0, table, shared, work)
+            print(f"pretrained classifier: roc_auc={result['roc_auc']:.3f}", flush=True)
+            overrides.append(f"train.init_from={work / 'models' / 'best.ckpt'}")
         for seed in seeds:
-            result = run_seed(task, seed, Path(benchmark_dir), list(extra), Path(scratch))
+            result = run_seed(task, seed, splits / SPLITS[task], overrides, Path(scratch))
             results.append(result)
             others = ", ".join(
                 f"{name}={value:.3f}" for name, value in result.items() if name not in {"seed"}

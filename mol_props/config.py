@@ -116,6 +116,9 @@ class TrainConfig:
     strategy: str = MISSING
     num_threads: int = MISSING  # torch intra-op threads on CPU; 0 = torch's default
     resume: bool = MISSING
+    # A models/best.ckpt trained before (e.g. on the larger classification table) whose weights
+    # start this run; output layers and descriptor scaling are this run's own. "" = random init.
+    init_from: str = ""
     checkpoint_dir: str = MISSING
     models_dir: str = MISSING
     export_after: bool = MISSING  # run `mol_props export` at the end, so `infer` works next

@@ -142,6 +142,17 @@ class MoleculeGNN(nn.Module):
             "member_weights", torch.tensor(weights if self.use_fingerprint else [1.0])
         )
 
+    def output_layer_names(self) -> set[str]:
+        """Parameters of each member's last layer: task-specific, not carried over by transfer."""
+        names = {f"head.{len(self.head) - 1}.weight", f"head.{len(self.head) - 1}.bias"}
+        if self.fingerprint_mlp is not None:
+            last = len(self.fingerprint_mlp.layers) - 1
+            names |= {
+                f"fingerprint_mlp.layers.{last}.weight",
+                f"fingerprint_mlp.layers.{last}.bias",
+            }
+        return names
+
     def set_descriptor_scaling(self, mean: Tensor, std: Tensor) -> None:
         self.descriptor_mean.copy_(mean)
         self.descriptor_std.copy_(std.clamp(min=1e-6))

@@ -295,6 +295,29 @@ def run(config: Config) -> TrainResult:
         log_handler.close()
 
 
+def initialize_from(network: MoleculeGNN, checkpoint: Path) -> list[str]:
+    """Copy the weights of an earlier run into `network` (transfer learning); returns the copied
+    names. Output layers and the descriptor scaling stay this run's; every other tensor must match
+    in name and shape, or the error names the ones that do not."""
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"train.init_from={checkpoint} does not exist")
+    source = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
+    own = network.state_dict()
+    skipped = network.output_layer_names() | {"descriptor_mean", "descriptor_std"}
+    wanted = [name for name in own if name not in skipped]
+    mismatched = [
+        name for name in wanted if name not in source or source[name].shape != own[name].shape
+    ]
+    if mismatched:
+        raise ValueError(
+            f"train.init_from={checkpoint}: {len(mismatched)} tensors differ from this model "
+            f"(e.g. {mismatched[:3]}): it needs the same model and featurizer settings"
+        )
+    network.load_state_dict({**own, **{name: source[name] for name in wanted}})
+    LOGGER.info("initialized %d tensors from %s (output layers are new)", len(wanted), checkpoint)
+    return wanted
+
+
 def _save_split(data: PreparedData, directory: Path) -> None:
     """The split used, one row per molecule, saved with the run (and logged to MLflow)."""
     names = np.empty(len(data.graphs), dtype=object)
@@ -344,6 +367,8 @@ def _fit(
     network.set_descriptor_scaling(
         torch.from_numpy(descriptors.mean(axis=0)), torch.from_numpy(descriptors.std(axis=0))
     )
+    if settings.init_from:
+        initialize_from(network, Path(settings.init_from))
     optimizer = torch.optim.AdamW(
         network.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
     )

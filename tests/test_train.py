@@ -3,6 +3,7 @@ metrics reach a real MLflow server, and a missing server neither hangs nor fails
 
 from __future__ import annotations
 
+import logging
 import shutil
 import socket
 import subprocess
@@ -131,6 +132,44 @@ def test_fingerprint_member_trains_and_exports_with_onnx_parity(tmp_path, molecu
     assert exported.max_difference <= 1e-4
     metadata = ModelMetadata.load(exported.metadata_path)
     assert metadata.descriptor_size == len(config.preprocess.descriptors) + 64
+
+
+def test_init_from_copies_all_but_the_output_layers(tmp_path, molecules_csv):
+    source = train.run(_config(tmp_path / "source", molecules_csv, "train.max_epochs=1"))
+    trained = _weights(source.checkpoint)
+    config = _config(tmp_path / "target", molecules_csv)
+    featurizer = Featurizer(config.preprocess)
+    torch.manual_seed(1)
+    network = MoleculeGNN(
+        featurizer.atom_feature_size, featurizer.descriptor_size, 1, config.model
+    )
+    fresh = {name: tensor.clone() for name, tensor in network.state_dict().items()}
+
+    copied = train.initialize_from(network, source.checkpoint)
+
+    state = network.state_dict()
+    assert "atom_embedding.layers.0.weight" in copied
+    for name in copied:
+        torch.testing.assert_close(state[name], trained[name], rtol=0, atol=0)
+    for name in network.output_layer_names():
+        assert name not in copied
+        torch.testing.assert_close(state[name], fresh[name], rtol=0, atol=0)
+
+    wider = _config(tmp_path / "other", molecules_csv, "model.hidden_dim=48")
+    other = MoleculeGNN(featurizer.atom_feature_size, featurizer.descriptor_size, 1, wider.model)
+    with pytest.raises(ValueError, match="tensors differ from this model"):
+        train.initialize_from(other, source.checkpoint)
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        train.initialize_from(other, tmp_path / "missing.ckpt")
+
+
+def test_init_from_runs_end_to_end(tmp_path, molecules_csv, caplog):
+    source = train.run(_config(tmp_path / "source", molecules_csv, "train.max_epochs=1"))
+    with caplog.at_level(logging.INFO, logger="mol_props"):
+        train.run(
+            _config(tmp_path / "target", molecules_csv, f"train.init_from={source.checkpoint}")
+        )
+    assert f"from {source.checkpoint}" in caplog.text
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, molecules_csv):
