@@ -81,25 +81,35 @@ def run_seed(task: str, seed: int, data_path: Path, extra: list[str], work: Path
     return {"seed": seed, "seconds": seconds, **metrics}
 
 
-def pretraining_table(benchmark_dir: Path, destination: Path) -> Path:
-    """The classification table without the regression split's val and test molecules."""
-    from rdkit import Chem, rdBase
+def pretraining_table(benchmark_dir: Path, destination: Path, overrides: list[str]) -> Path:
+    """The classification table without the regression split's val and test molecules, matched
+    by the canonical SMILES `mol_props train` itself uses to find duplicates (salts included)."""
+    from mol_props.config import compose_config
+    from mol_props.featurize import MoleculeGraph, featurize_parallel
 
-    def canonical(smiles: str) -> str | None:
-        molecule = Chem.MolFromSmiles(smiles)
-        return Chem.MolToSmiles(molecule) if molecule is not None else None
+    preprocess = compose_config(overrides).preprocess
 
-    with rdBase.BlockLogs():
-        with (benchmark_dir / SPLITS["regression"]).open(newline="") as handle:
-            held_out = {
-                canonical(row["smiles"])
-                for row in csv.DictReader(handle)
-                if row["split"] in ("val", "test")
-            } - {None}
-        with (benchmark_dir / SPLITS["classification"]).open(newline="") as handle:
-            reader = csv.DictReader(handle)
-            columns = list(reader.fieldnames or [])
-            kept = [row for row in reader if canonical(row["smiles"]) not in held_out]
+    def canonical_keys(rows: list[dict[str, str]]) -> list[str | None]:
+        graphs = featurize_parallel(
+            [row["smiles"] for row in rows],
+            preprocess,
+            num_workers=0,
+            progress=False,
+            with_keys=True,
+        )
+        return [
+            graph.canonical_smiles if isinstance(graph, MoleculeGraph) else None
+            for graph in graphs
+        ]
+
+    with (benchmark_dir / SPLITS["regression"]).open(newline="") as handle:
+        held_rows = [row for row in csv.DictReader(handle) if row["split"] in ("val", "test")]
+    held_out = set(canonical_keys(held_rows)) - {None}
+    with (benchmark_dir / SPLITS["classification"]).open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = list(reader.fieldnames or [])
+        rows = list(reader)
+    kept = [row for row, key in zip(rows, canonical_keys(rows)) if key not in held_out]
     with destination.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
@@ -128,8 +138,8 @@ def main(
                 raise SystemExit("--pretrain starts the regression model from a classifier")
             work = Path(scratch) / "pretrain"
             shutil.copytree(REPO_ROOT / "triton_repo", work / "triton_repo")
-            table = pretraining_table(splits, Path(scratch) / "pretrain.csv")
             shared = [item for item in extra if item.startswith(("model.", "preprocess."))]
+            table = pretraining_table(splits, Path(scratch) / "pretrain.csv", shared)
             result = run_seed("classification", 0, table, shared, work)
             print(f"pretrained classifier: roc_auc={result['roc_auc']:.3f}", flush=True)
             overrides.append(f"train.init_from={work / 'models' / 'best.ckpt'}")

@@ -87,9 +87,8 @@ class ModelConfig:
     sum_pooling_scale: float = MISSING  # sum pooling is divided by this (a typical atom count)
     dropout: float = MISSING
     descriptor_hidden_dim: int = MISSING  # 0 = ignore the descriptor vector
-    # Standardized descriptors are clipped to +-this (0 = off): a count seen in a handful of
-    # training molecules has a tiny std and would otherwise reach values in the hundreds.
-    descriptor_clip: float = 0.0
+    # Defaults (not MISSING) on the fields below: checkpoints saved before they existed store a
+    # model_config without them, and export rebuilds the model from it.
     # A second member beside the GNN: an MLP on the descriptors and log1p(Morgan counts), with its
     # own loss; the outputs (logits) are averaged, weighted. 0 = no fingerprint member.
     fingerprint_hidden_dim: int = 0
@@ -118,7 +117,7 @@ class TrainConfig:
     resume: bool = MISSING
     # A models/best.ckpt trained before (e.g. on the larger classification table) whose weights
     # start this run; output layers and descriptor scaling are this run's own. "" = random init.
-    init_from: str = ""
+    init_from: str = MISSING
     checkpoint_dir: str = MISSING
     models_dir: str = MISSING
     export_after: bool = MISSING  # run `mol_props export` at the end, so `infer` works next

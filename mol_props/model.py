@@ -104,7 +104,6 @@ class MoleculeGNN(nn.Module):
         # With a fingerprint member the counts go to it alone; the GNN keeps the descriptors.
         self.plain_size = descriptor_size - (fingerprint_size if self.use_fingerprint else 0)
         self.use_descriptors = config.descriptor_hidden_dim > 0 and self.plain_size > 0
-        self.descriptor_clip = float(config.descriptor_clip)
         # Descriptor scaling is part of the model (and so of the ONNX graph): set from train data.
         self.register_buffer("descriptor_mean", torch.zeros(descriptor_size))
         self.register_buffer("descriptor_std", torch.ones(descriptor_size))
@@ -138,8 +137,12 @@ class MoleculeGNN(nn.Module):
             FingerprintMLP(descriptor_size, num_targets, config) if self.use_fingerprint else None
         )
         weights = [1.0 - config.fingerprint_weight, config.fingerprint_weight]
+        # From the config, not learned: not saved in the state dict, so `train.init_from` and
+        # checkpoints never carry another run's weighting.
         self.register_buffer(
-            "member_weights", torch.tensor(weights if self.use_fingerprint else [1.0])
+            "member_weights",
+            torch.tensor(weights if self.use_fingerprint else [1.0]),
+            persistent=False,
         )
 
     def output_layer_names(self) -> set[str]:
@@ -168,8 +171,6 @@ class MoleculeGNN(nn.Module):
     ) -> Tensor:
         """Each member's raw outputs [B, T, M]: the GNN, then the fingerprint MLP if any."""
         scaled = (descriptors - self.descriptor_mean) / self.descriptor_std  # [B, D]
-        if self.descriptor_clip > 0:
-            scaled = scaled.clamp(-self.descriptor_clip, self.descriptor_clip)  # ONNX Clip
         plain = scaled[:, : self.plain_size]  # [B, D - fingerprint size]
         members = [self._gnn(atom_features, adjacency, atom_mask, plain)]
         if self.fingerprint_mlp is not None:
