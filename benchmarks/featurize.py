@@ -177,9 +177,12 @@ def main(*overrides: str, repeats: int = 3, with_keys: bool = False) -> None:
     print(f"RDKit Chem.MolFromSmiles alone, 1 process: {parse_rate:8,.0f} molecules/s")
     serial, serial_results = measure(smiles, config.preprocess, 1, repeats, with_keys)
     print(report(serial))
+    rest = "atom rows, adjacency, descriptors" + (
+        ", canonical SMILES, scaffolds" if with_keys else ""
+    )
     print(
         f"1 worker featurizes at {serial.molecules_per_s / parse_rate:.0%} of the parse-only rate "
-        "(the rest: atom rows, adjacency, descriptors)"
+        f"(the rest: {rest})"
     )
     parallel, parallel_results = measure(smiles, config.preprocess, cores, repeats, with_keys)
     print(report(parallel))
