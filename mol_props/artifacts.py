@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mol_props.config import Config, DvcConfig
+from mol_props.errors import MolPropsError
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(MolPropsError, RuntimeError):
     """A versioned file that cannot be found, fetched or verified; the message says what to do."""
 
 

@@ -8,17 +8,50 @@
     mol_props download_data
 
 Each command imports its heavy modules only when it runs: `infer` must never load torch.
+
+A failure the user can act on (a bad config value or input, a missing file; see
+mol_props/errors.py) ends a command with one `error: ...` line on stderr and exit status 2;
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import fire
 
 from mol_props.config import Config, compose_config
+
+USAGE_ERROR = 2  # exit status of a request that cannot run as given
+
+
+def _is_user_error(error: Exception, also: tuple[type[Exception], ...]) -> bool:
+    from mol_props.errors import MolPropsError
+
+    if isinstance(error, (MolPropsError, OSError, *also)):
+        return True
+    # Hydra's and OmegaConf's own errors: an unknown config group or key, a value of the wrong
+    # type. Imported only now: a cold `mol_props infer` reads a cached config without them.
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return isinstance(error, (HydraException, OmegaConfBaseException))
+
+
+@contextlib.contextmanager
+def _reported_errors(*also: type[Exception]) -> Iterator[None]:
+    """Turn an error a user can act on into `error: MESSAGE` on stderr and exit status 2."""
+    try:
+        yield
+    except Exception as error:
+        if not _is_user_error(error, also):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(USAGE_ERROR) from None
 
 
 def _setup(overrides: tuple[str, ...]) -> Config:
@@ -51,21 +84,22 @@ class Commands:
 
     def train(self, *overrides: str) -> None:
         """Train the GNN (fetching data with DVC), log to MLflow, export ONNX at the end."""
-        config = _setup(overrides)
-        from mol_props import train
+        with _reported_errors():
+            config = _setup(overrides)
+            from mol_props import train
 
-        try:
-            result = train.run(config)
-        except KeyboardInterrupt:
-            print(
-                "\ntraining interrupted; continue with: mol_props train train.resume=true",
-                file=sys.stderr,
-            )
-            raise SystemExit(130)
-        if config.train.export_after:
-            from mol_props import export
+            try:
+                result = train.run(config)
+            except KeyboardInterrupt:
+                print(
+                    "\ntraining interrupted; continue with: mol_props train train.resume=true",
+                    file=sys.stderr,
+                )
+                raise SystemExit(130)
+            if config.train.export_after:
+                from mol_props import export
 
-            export.run(config)
+                export.run(config)
         metrics = ", ".join(f"{name}={value:.4f}" for name, value in result.test_metrics.items())
         print(
             f"done: {result.epochs_run} epochs; test {metrics or '(no test split)'}; "
@@ -74,10 +108,11 @@ class Commands:
 
     def export(self, *overrides: str) -> None:
         """Export models/best.ckpt to ONNX (+ parity check) and fill triton_repo/."""
-        config = _setup(overrides)
-        from mol_props import export
+        with _reported_errors():
+            config = _setup(overrides)
+            from mol_props import export
 
-        result = export.run(config)
+            result = export.run(config)
         print(f"done: {result.onnx_path}, {result.dynamic_onnx_path}, {result.metadata_path}")
 
     @fire.decorators.SetParseFn(str, "smiles", "input", "output", "server")
@@ -106,19 +141,19 @@ class Commands:
         from mol_props import infer
 
         try:
-            _check_infer_arguments(overrides)
-            # Cached on disk by the content of configs/: composing costs half a cold start.
-            config = infer.compose_config_cached(overrides)
-            code = infer.run(
-                config,
-                smiles=infer.parse_smiles_argument(smiles),
-                input_path=Path(input) if input else None,
-                output_path=Path(output) if output else None,
-                server=server,
-            )
-        except (infer.InferenceError, RuntimeError, OSError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            raise SystemExit(2)
+            # RuntimeError too: a file run whose worker process died (RDKit crashed, the OOM
+            # killer) ends with BrokenProcessPool, which says so.
+            with _reported_errors(RuntimeError):
+                _check_infer_arguments(overrides)
+                # Cached on disk by the content of configs/: composing costs half a cold start.
+                config = infer.compose_config_cached(overrides)
+                code = infer.run(
+                    config,
+                    smiles=infer.parse_smiles_argument(smiles),
+                    input_path=Path(input) if input else None,
+                    output_path=Path(output) if output else None,
+                    server=server,
+                )
         except KeyboardInterrupt:
             print("\ninterrupted", file=sys.stderr)
             raise SystemExit(130)
@@ -127,17 +162,20 @@ class Commands:
 
     def serve(self, *overrides: str) -> None:
         """Start a Triton Inference Server on triton_repo/ (Ctrl-C stops it)."""
-        config = _setup(overrides)
-        from mol_props import serve
+        with _reported_errors():
+            config = _setup(overrides)
+            from mol_props import serve
 
-        raise SystemExit(serve.serve(config))
+            code = serve.serve(config)
+        raise SystemExit(code)
 
     def download_data(self, *overrides: str) -> None:
         """Fetch B3DB from its source, verify its DVC hash and push it to the DVC remote."""
-        config = _setup(overrides)
-        from mol_props.data import download_data
+        with _reported_errors():
+            config = _setup(overrides)
+            from mol_props.data import download_data
 
-        paths = download_data(Path(config.data.path).parent, push=True, dvc=config.data.dvc)
+            paths = download_data(Path(config.data.path).parent, push=True, dvc=config.data.dvc)
         print("done: " + ", ".join(str(path) for path in paths))
 
 

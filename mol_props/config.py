@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mol_props.errors import ConfigError
+
 # omegaconf.MISSING, spelled out so that importing this schema does not import OmegaConf (a tenth
 # of a cold `mol_props infer`, which reads a cached config); tests/test_infer.py checks they agree.
 MISSING = "???"
@@ -219,9 +221,9 @@ def check_choices(config: Config) -> None:
     for (group, name), allowed in CHOICES.items():
         value = getattr(getattr(config, group), name)
         if value not in allowed:
-            raise ValueError(f"{group}.{name}={value!r}: expected one of {', '.join(allowed)}")
+            raise ConfigError(f"{group}.{name}={value!r}: expected one of {', '.join(allowed)}")
     if config.data.split.kind not in ("scaffold", "random", "column"):
-        raise ValueError(
+        raise ConfigError(
             f"data.split.kind={config.data.split.kind!r}: expected scaffold, random or column"
         )
 

@@ -28,6 +28,7 @@ from mol_props.artifacts import (
     recorded_md5,
 )
 from mol_props.config import DataConfig, PreprocessConfig, SplitConfig
+from mol_props.errors import ConfigError, DataError
 from mol_props.featurize import (
     FEATURIZER_VERSION,
     FeaturizationError,
@@ -177,7 +178,7 @@ def load_table(config: DataConfig, path: Path) -> MoleculeTable:
         required.append(config.split.column)
     missing = [column for column in required if column not in frame.columns]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{path} lacks column(s) {missing}; it has {list(frame.columns)} "
             "(set data.smiles_column / data.target_columns / data.split.column)"
         )
@@ -285,7 +286,7 @@ def featurize_table(
         )
         LOGGER.warning("featurize: skipped %d unusable molecules (e.g. %s)", len(errors), examples)
     if not graphs:
-        raise ValueError(
+        raise DataError(
             f"none of the {len(table.smiles)} molecules could be featurized"
             + (f" (e.g. {examples})" if errors else "")
             + "; check data.path and data.smiles_column"
@@ -427,7 +428,7 @@ def column_split(labels: Sequence[str]) -> np.ndarray:
     ids = {name: i for i, name in enumerate(SPLIT_NAMES)}
     unknown = sorted({label for label in labels if label not in ids})
     if unknown:
-        raise ValueError(f"split column holds {unknown}; expected train / val / test")
+        raise DataError(f"split column holds {unknown}; expected train / val / test")
     return np.array([ids[label] for label in labels], dtype=np.int8)
 
 
@@ -437,7 +438,7 @@ def split_indices(
     """{"train": idx, "val": idx, "test": idx} over the deduplicated molecules."""
     fractions = list(config.fractions)
     if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
-        raise ValueError(
+        raise ConfigError(
             f"data.split.fractions must be 3 numbers summing to 1: {config.fractions}"
         )
     if config.kind == "scaffold":
@@ -446,10 +447,10 @@ def split_indices(
         assignment = random_split(len(scaffolds), config.fractions, config.seed)
     elif config.kind == "column":
         if column_labels is None:
-            raise ValueError("data.split.kind=column needs data.split.column in the table")
+            raise ConfigError("data.split.kind=column needs data.split.column in the table")
         assignment = column_split(column_labels)
     else:
-        raise ValueError(f"unknown data.split.kind={config.kind!r}: scaffold | random | column")
+        raise ConfigError(f"unknown data.split.kind={config.kind!r}: scaffold | random | column")
     return {name: np.flatnonzero(assignment == i) for i, name in enumerate(SPLIT_NAMES)}
 
 

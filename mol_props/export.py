@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from mol_props.config import Config, ModelConfig, PreprocessConfig
+from mol_props.errors import MolPropsError
 from mol_props.featurize import FEATURIZER_VERSION, Featurizer, MoleculeGraph, pad_graphs
 from mol_props.infer import ModelMetadata
 from mol_props.model import MoleculeGNN, PredictionModel
@@ -31,7 +32,7 @@ EXPORTERS = ("torchscript", "dynamo")
 PARITY_SMALL_BATCH = 3  # molecules in the second parity batch (any size but the traced one)
 
 
-class ExportError(RuntimeError):
+class ExportError(MolPropsError, RuntimeError):
     """The exported model is missing, invalid, or disagrees with PyTorch."""
 
 

@@ -30,6 +30,7 @@ from rdkit.Chem.rdchem import Atom
 from rdkit.Chem.Scaffolds import MurckoScaffold
 
 from mol_props.config import PreprocessConfig
+from mol_props.errors import ConfigError, MolPropsError
 
 FEATURIZER_VERSION = "1"
 
@@ -69,7 +70,7 @@ _EVERY_MATCH = {"uniquify": False, "maxMatches": 1_000_000}
 _ISOTOPE = re.compile(r"\[\d")
 
 
-class FeaturizationError(ValueError):
+class FeaturizationError(MolPropsError, ValueError):
     """A molecule that cannot be featurized, with a reason a person can act on."""
 
     def __init__(self, smiles: str, reason: str) -> None:
@@ -122,7 +123,7 @@ def _slot_table(values: Sequence[int], size: int, field: str, shift: int = 0) ->
     for slot, value in enumerate(values):
         # A negative index would silently give another value's slot (-9 would take +8's).
         if not 0 <= value + shift < size:
-            raise ValueError(
+            raise ConfigError(
                 f"preprocess.atom.{field}: {value} is outside {-shift}..{size - shift - 1}"
             )
         table[value + shift] = slot
@@ -132,7 +133,7 @@ def _slot_table(values: Sequence[int], size: int, field: str, shift: int = 0) ->
 def _enum_values(names: Sequence[str], known: dict[str, int], field: str) -> list[int]:
     unknown = [name for name in names if name not in known]
     if unknown:
-        raise ValueError(f"preprocess.atom.{field}: {unknown} are not among {list(known)}")
+        raise ConfigError(f"preprocess.atom.{field}: {unknown} are not among {list(known)}")
     return [known[name] for name in names]
 
 
@@ -151,7 +152,7 @@ class Featurizer:
     def __init__(self, config: PreprocessConfig) -> None:
         if config.fragments not in FRAGMENT_POLICIES:
             # Checked here: any other word would otherwise quietly act as "largest".
-            raise ValueError(
+            raise ConfigError(
                 f"preprocess.fragments={config.fragments!r}: expected one of {FRAGMENT_POLICIES}"
             )
         self.config = config

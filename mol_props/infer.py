@@ -31,6 +31,7 @@ from typing import Protocol
 import numpy as np
 
 from mol_props.config import Config, InferConfig, PreprocessConfig, compose_config, config_dir
+from mol_props.errors import MolPropsError
 from mol_props.featurize import (
     FEATURIZER_VERSION,
     FeaturizationError,
@@ -50,7 +51,7 @@ MIN_CHUNKS_FOR_WORKERS = 4
 CONFIG_CACHE_ENTRIES = 64  # composed configs kept on disk (one per distinct set of overrides)
 
 
-class InferenceError(RuntimeError):
+class InferenceError(MolPropsError, RuntimeError):
     """A problem with the user's request as a whole (missing file, column, model)."""
 
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch_geometric.nn.dense import DenseGINConv, DenseGraphConv
 
 from mol_props.config import ModelConfig
+from mol_props.errors import ConfigError
 
 
 class AtomwiseMLP(nn.Module):
@@ -54,7 +55,7 @@ def _convolution(kind: str, hidden_dim: int) -> nn.Module:
     if kind == "graph":
         # Sum aggregation: plain MatMul in ONNX ("max" would export to ScatterND).
         return DenseGraphConv(hidden_dim, hidden_dim, aggr="add")
-    raise ValueError(f"unknown model.conv={kind!r}: gin | graph")
+    raise ConfigError(f"unknown model.conv={kind!r}: gin | graph")
 
 
 class FingerprintMLP(nn.Module):
@@ -111,7 +112,7 @@ class MoleculeGNN(nn.Module):
         self.sum_pooling = config.pooling == "mean_sum"
         self.sum_pooling_scale = float(config.sum_pooling_scale)
         if config.pooling not in ("mean", "mean_sum"):
-            raise ValueError(f"unknown model.pooling={config.pooling!r}: mean | mean_sum")
+            raise ConfigError(f"unknown model.pooling={config.pooling!r}: mean | mean_sum")
         head_input = hidden * (2 if self.sum_pooling else 1)
         if self.use_descriptors:
             self.descriptor_mlp = nn.Sequential(

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import IO
 
 from mol_props.config import Config, ServingConfig
+from mol_props.errors import MolPropsError
 from mol_props.triton_repo import (
     FEATURIZER_MODEL,
     METADATA_FILE,
@@ -54,7 +55,7 @@ READY_TIMEOUT_S = 2.0  # one health / repository request to the local server
 PR_SET_PDEATHSIG = 1
 
 
-class ServeError(RuntimeError):
+class ServeError(MolPropsError, RuntimeError):
     """The server could not be started (missing binary, model files, or it exited)."""
 
 

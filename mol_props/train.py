@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from mol_props import plots
 from mol_props.config import Config, TrainConfig, to_flat_dict
 from mol_props.data import PreparedData, prepare_data
+from mol_props.errors import ConfigError
 from mol_props.featurize import Featurizer, MoleculeGraph, pad_graphs
 from mol_props.metrics import MONITORED, evaluate
 from mol_props.model import MoleculeGNN
@@ -162,7 +163,9 @@ def make_scheduler(
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     if config.scheduler in ("constant", "onecycle"):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    raise ValueError(f"unknown train.scheduler={config.scheduler!r}: onecycle | cosine | constant")
+    raise ConfigError(
+        f"unknown train.scheduler={config.scheduler!r}: onecycle | cosine | constant"
+    )
 
 
 def train_epoch(
@@ -309,7 +312,7 @@ def initialize_from(network: MoleculeGNN, checkpoint: Path) -> list[str]:
         name for name in wanted if name not in source or source[name].shape != own[name].shape
     ]
     if mismatched:
-        raise ValueError(
+        raise ConfigError(
             f"train.init_from={checkpoint}: {len(mismatched)} tensors differ from this model "
             f"(e.g. {mismatched[:3]}): it needs the same model and featurizer settings"
         )

@@ -22,6 +22,7 @@ import re
 import shutil
 from pathlib import Path
 
+from mol_props.errors import MolPropsError
 from mol_props.infer import ModelMetadata
 
 LOGGER = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ VERSION = "1"
 ONNX_TYPES = {"tensor(float)": "TYPE_FP32"}  # every model tensor is float32
 
 
-class ModelRepositoryError(RuntimeError):
+class ModelRepositoryError(MolPropsError, RuntimeError):
     """triton_repo/ cannot be made consistent with the exported model without a hand edit."""
 
 

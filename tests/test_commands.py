@@ -1,0 +1,112 @@
+"""The command line's error boundary: a failure the user can act on is one line, exit status 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import fire
+import pytest
+
+from mol_props import commands
+from mol_props.commands import USAGE_ERROR, Commands
+from tests.conftest import REPO_ROOT, workspace_overrides, write_molecule_csv
+
+
+def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
+    """`mol_props ARGS` in this process through fire: (exit code, stderr)."""
+    try:
+        fire.Fire(Commands, command=list(args), name="mol_props")
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def run_process(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mol_props.commands", *args],
+        cwd=REPO_ROOT,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("model.hidden_dim=abc", "model.hidden_dim"),  # OmegaConf: wrong type
+        ("data=nonexistent", "data/nonexistent"),  # Hydra: unknown config group option
+        ("model.conv=foo", "model.conv='foo'"),  # ours: a value outside the allowed choices
+    ],
+)
+def test_a_bad_config_is_one_error_line_without_a_traceback(override: str, named: str):
+    result = run_process("train", override)
+    assert result.returncode == USAGE_ERROR, result.stderr
+    assert result.stderr.startswith("error: ") and named in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_train_on_a_missing_table_names_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    missing = tmp_path / "missing.csv"
+    code, err = run_cli(capsys, "train", *workspace_overrides(tmp_path, missing))
+    assert code == USAGE_ERROR
+    assert f"error: data file {missing} is missing" in err
+
+
+def test_export_without_a_checkpoint_says_to_train_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    data = write_molecule_csv(tmp_path / "molecules.csv", 10)
+    code, err = run_cli(capsys, "export", *workspace_overrides(tmp_path, data))
+    assert code == USAGE_ERROR
+    assert f"no checkpoint at {tmp_path / 'models' / 'best.ckpt'}" in err
+    assert "mol_props train" in err
+
+
+def test_download_data_into_an_impossible_directory_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    code, err = run_cli(capsys, "download_data", f"data.path={blocker / 'raw' / 'table.tsv'}")
+    assert code == USAGE_ERROR
+    assert err.startswith("error: ") and str(blocker) in err
+
+
+def test_a_bug_keeps_its_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+):
+    from mol_props import train
+
+    def broken_run(config):
+        raise ZeroDivisionError("a bug, not a user error")
+
+    monkeypatch.setattr(train, "run", broken_run)
+    data = write_molecule_csv(tmp_path / "molecules.csv", 10)
+    with pytest.raises(ZeroDivisionError):
+        fire.Fire(Commands, command=["train", *workspace_overrides(tmp_path, data)])
+
+
+def test_user_errors_are_the_projects_own_and_the_config_libraries():
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import ValidationError
+
+    from mol_props.errors import ConfigError
+    from mol_props.infer import InferenceError
+
+    for error in (
+        ConfigError("model.conv='x'"),
+        InferenceError("no model"),
+        FileNotFoundError("x"),
+        ConfigCompositionException("x"),
+        ValidationError("x"),
+    ):
+        assert commands._is_user_error(error, ()), error
+    assert not commands._is_user_error(ZeroDivisionError(), ())
+    assert not commands._is_user_error(RuntimeError(), ())
+    assert commands._is_user_error(RuntimeError(), (RuntimeError,))
