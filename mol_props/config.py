@@ -228,6 +228,40 @@ def check_choices(config: Config) -> None:
         )
 
 
+# Counts and sizes with a smallest sensible value: checked when the config is composed, so that
+# `train.max_epochs=0` is refused at once instead of ending a run without a checkpoint.
+AT_LEAST = {
+    ("preprocess", "max_atoms"): 1,
+    ("preprocess", "chunk_size"): 1,
+    ("model", "hidden_dim"): 1,
+    ("model", "num_layers"): 1,
+    ("model", "head_hidden_dim"): 1,
+    ("model", "head_layers"): 1,
+    ("train", "max_epochs"): 1,
+    ("train", "batch_size"): 1,
+    ("train", "patience"): 1,
+    ("train", "devices"): 1,
+    ("export", "parity_molecules"): 1,
+    ("infer", "batch_size"): 1,
+    ("infer", "chunk_size"): 1,
+}
+# Probabilities: dropout rates must lie in [0, 1).
+DROPOUT_RATES = (("model", "dropout"), ("model", "fingerprint_dropout"))
+
+
+def check_ranges(config: Config) -> None:
+    for (group, name), lowest in AT_LEAST.items():
+        value = getattr(getattr(config, group), name)
+        if value < lowest:
+            raise ConfigError(f"{group}.{name}={value}: must be at least {lowest}")
+    for group, name in DROPOUT_RATES:
+        value = getattr(getattr(config, group), name)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{group}.{name}={value}: a dropout rate must be in [0, 1)")
+    if not config.train.learning_rate > 0.0:
+        raise ConfigError(f"train.learning_rate={config.train.learning_rate}: must be positive")
+
+
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Compose `configs/` with Hydra overrides (`model.hidden_dim=256`) into a typed Config."""
     from hydra import compose, initialize_config_dir
@@ -238,6 +272,7 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
     merged = OmegaConf.merge(OmegaConf.structured(Config), composed)
     config = OmegaConf.to_object(merged)
     check_choices(config)
+    check_ranges(config)
     return config
 
 

@@ -28,13 +28,22 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
-    """PR-AUC as average precision (precision at each positive, scores descending)."""
-    if labels.sum() == 0:
+    """PR-AUC as average precision: sum over score thresholds of (recall gained) x precision.
+
+    Equal scores form one threshold, as in scikit-learn; taking precision at each positive in
+    sorted order instead would make the result depend on the input order of tied molecules."""
+    positives = labels == 1
+    num_positive = int(positives.sum())
+    if num_positive == 0:
         return float("nan")
     order = np.argsort(-scores, kind="mergesort")
-    hits = labels[order] == 1
-    precision_at_k = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-    return float(precision_at_k[hits].mean())
+    sorted_scores = scores[order]
+    # The last position of each run of equal scores: one threshold each.
+    thresholds = np.append(np.flatnonzero(np.diff(sorted_scores)), len(sorted_scores) - 1)
+    true_positives = np.cumsum(positives[order])[thresholds]
+    precision = true_positives / (thresholds + 1)
+    recall = true_positives / num_positive
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
 
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
@@ -96,5 +105,7 @@ def evaluate(
         if len(target_names) > 1:
             results.update({f"{name}/{metric}": value for metric, value in metrics.items()})
     for metric in per_target[0] if per_target else []:
-        results[metric] = float(np.nanmean([metrics[metric] for metrics in per_target]))
+        values = np.array([metrics[metric] for metrics in per_target])
+        defined = values[~np.isnan(values)]  # ROC-AUC is NaN for a target with one class
+        results[metric] = float(defined.mean()) if defined.size else float("nan")
     return results

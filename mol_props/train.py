@@ -28,13 +28,17 @@ from torch.utils.data import DataLoader, Dataset
 from mol_props import plots
 from mol_props.config import Config, TrainConfig, to_flat_dict
 from mol_props.data import PreparedData, prepare_data
-from mol_props.errors import ConfigError
+from mol_props.errors import ConfigError, MolPropsError
 from mol_props.featurize import Featurizer, MoleculeGraph, pad_graphs
 from mol_props.metrics import MONITORED, evaluate
 from mol_props.model import MoleculeGNN
 from mol_props.tracking import RunLogger, git_state
 
 LOGGER = logging.getLogger(__name__)
+
+
+class TrainingError(MolPropsError, RuntimeError):
+    """A run that cannot produce a model as configured; the message says what to change."""
 
 
 class MoleculeDataset(Dataset):
@@ -168,6 +172,13 @@ def make_scheduler(
     )
 
 
+def _diverged(what: str, config: TrainConfig) -> TrainingError:
+    return TrainingError(
+        f"{what}: the training diverged; try a lower train.learning_rate "
+        f"(now {config.learning_rate}) or train.gradient_clip (now {config.gradient_clip})"
+    )
+
+
 def train_epoch(
     fabric: Fabric,
     model: torch.nn.Module,
@@ -188,9 +199,15 @@ def train_epoch(
             masked_loss(members[..., k], batch["targets"], task) for k in range(members.shape[-1])
         ]
         loss = torch.stack(losses).mean()
+        if not torch.isfinite(loss):
+            raise _diverged(f"the training loss became {loss.item()}", config)
         optimizer.zero_grad(set_to_none=True)
         fabric.backward(loss)
-        fabric.clip_gradients(model, optimizer, max_norm=config.gradient_clip)
+        norm = fabric.clip_gradients(
+            model, optimizer, max_norm=config.gradient_clip, error_if_nonfinite=False
+        )
+        if not torch.isfinite(norm):
+            raise _diverged(f"the gradient norm became {norm.item()}", config)
         optimizer.step()
         scheduler.step()
         total += loss.item() * len(batch["targets"])
@@ -232,6 +249,30 @@ def validate(
 ) -> dict[str, float]:
     loss, values, targets = predict(model, loader, task, scaling)
     return {"loss": loss, **evaluate(targets, values, task, target_names)}
+
+
+def monitored_metric(task: str, val_targets: np.ndarray) -> tuple[str, bool]:
+    """The validation metric that picks the best epoch and stops early, and whether higher is
+    better: ROC-AUC or RMSE (metrics.MONITORED), but the loss when no target's validation labels
+    hold both classes, where ROC-AUC is undefined (NaN) and no epoch could ever be the best."""
+    metric, higher_is_better = MONITORED[task]
+    if task == "classification":
+        labelled = [column[~np.isnan(column)] for column in val_targets.T]  # per target
+        if not any(len(np.unique(labels)) > 1 for labels in labelled):
+            return "loss", False
+    return metric, higher_is_better
+
+
+def check_splits(data: PreparedData) -> None:
+    """Training needs train molecules, and validation ones for early stopping and the best
+    checkpoint; a test split may be empty."""
+    for name in ("train", "val"):
+        if len(data.splits[name]) == 0:
+            sizes = ", ".join(f"{split} {len(rows)}" for split, rows in data.splits.items())
+            raise ConfigError(
+                f"the {name} split is empty ({sizes}): training needs {name} molecules; "
+                "give it a share in data.split.fractions or rows in data.split.column"
+            )
 
 
 def is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
@@ -342,7 +383,13 @@ def _fit(
 ) -> TrainResult:
     settings = config.train
     task = config.data.task
-    metric, higher_is_better = MONITORED[task]
+    check_splits(data)
+    metric, higher_is_better = monitored_metric(task, data.targets[data.splits["val"]])
+    if metric != MONITORED[task][0]:
+        LOGGER.warning(
+            "val split: every label of each target is the same class, so ROC-AUC is undefined; "
+            "early stopping and the best checkpoint use the validation loss"
+        )
     train_rows = data.splits["train"]
     scaling = Scaling.fit(data.targets[train_rows], task)
     scaled_targets = ((data.targets - scaling.mean) / scaling.std).astype(np.float32)
@@ -472,14 +519,23 @@ def _fit(
                     "early stop: no better val %s for %d epochs", metric, settings.patience
                 )
                 break
-    except BaseException:
-        status = "KILLED"
+    except BaseException as error:
+        # MLflow's run statuses: stopped by the user, or failed.
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
         if tracker is not None:
             tracker.finish(status)
         raise
     finally:
         epochs.close()
 
+    if math.isnan(state["best_value"]):
+        # No epoch saved best.ckpt (a file there would be another run's).
+        if tracker is not None:
+            tracker.finish("FAILED")
+        raise TrainingError(
+            f"no epoch gave a finite validation {metric} in {state['epoch']} epochs (the "
+            "training diverged?); try a lower train.learning_rate"
+        )
     # Evaluate the best epoch's weights, not the last ones.
     fabric.load(best_path, {"model": model})
     _, val_values, val_targets = predict(model, val_loader, task, scaling)

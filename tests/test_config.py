@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
 
 from mol_props.config import Config, compose_config, config_dir, to_flat_dict
+from mol_props.errors import ConfigError
 
 # Options that cannot compose alone, with the value each needs (as configs/data/csv.yaml shows).
 REQUIRED_WITH = {("data", "csv"): ["data.path=molecules.csv"]}
@@ -87,6 +88,14 @@ def test_override_is_applied_and_typed():
         (["data.task=clasification"], ValueError, "data.task='clasification'"),
         (["data.split.kind=scafold"], ValueError, "scaffold, random or column"),
         (["model.conv=gcn"], ValueError, "gin, graph"),
+        (["train.max_epochs=0"], ConfigError, "train.max_epochs=0: must be at least 1"),
+        (["train.batch_size=-4"], ConfigError, "train.batch_size=-4"),
+        (
+            ["model.dropout=1.0"],
+            ConfigError,
+            r"model.dropout=1.0: a dropout rate must be in \[0, 1\)",
+        ),
+        (["train.learning_rate=0"], ConfigError, "train.learning_rate=0.0: must be positive"),
     ],
 )
 def test_mistakes_fail_loudly(overrides: list[str], error: type[Exception], names: str):

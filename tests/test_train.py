@@ -20,6 +20,7 @@ import torch
 from mol_props import export, train
 from mol_props.config import compose_config
 from mol_props.data import prepare_data
+from mol_props.errors import ConfigError
 from mol_props.featurize import Featurizer
 from mol_props.infer import ModelMetadata
 from mol_props.model import MoleculeGNN
@@ -176,6 +177,42 @@ def test_init_from_runs_end_to_end(tmp_path, molecules_csv, caplog):
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, molecules_csv):
     with pytest.raises(FileNotFoundError, match="last.ckpt"):
         train.run(_config(tmp_path, molecules_csv, "train.resume=true"))
+
+
+def test_the_monitored_metric_is_the_loss_when_validation_has_one_class():
+    one_class = np.array([[0.0], [0.0], [np.nan]])
+    both = np.array([[0.0], [1.0], [np.nan]])
+    assert train.monitored_metric("classification", one_class) == ("loss", False)
+    assert train.monitored_metric("classification", both) == ("roc_auc", True)
+    # Two targets: one with both classes is enough for a (mean) ROC-AUC.
+    assert train.monitored_metric("classification", np.hstack([one_class, both]))[0] == "roc_auc"
+    assert train.monitored_metric("regression", one_class) == ("rmse", False)
+
+
+def test_a_one_class_validation_split_trains_on_the_validation_loss(tmp_path, caplog):
+    # B3DB's first 120 rows are all BBB-: no epoch could have the best validation ROC-AUC.
+    table = write_molecule_csv(tmp_path / "negatives.csv", 120)
+    with caplog.at_level(logging.WARNING, logger="mol_props"):
+        result = train.run(_config(tmp_path, table, "train.max_epochs=2"))
+    assert "use the validation loss" in caplog.text
+    assert result.checkpoint.is_file() and result.epochs_run == 2
+
+
+def test_an_empty_validation_split_is_a_clear_error(tmp_path, molecules_csv):
+    config = _config(tmp_path, molecules_csv, "data.split.fractions=[1.0,0.0,0.0]")
+    with pytest.raises(ConfigError, match="the val split is empty"):
+        train.run(config)
+
+
+def test_a_diverging_run_is_a_clear_error_and_a_failed_mlflow_run(tmp_path, molecules_csv):
+    from mlflow.tracking import MlflowClient
+
+    with pytest.raises(train.TrainingError, match="diverged; try a lower train.learning_rate"):
+        train.run(_config(tmp_path, molecules_csv, "train.learning_rate=1e6"))
+    store = f"sqlite:///{(tmp_path / 'plots' / 'mlruns' / 'mlflow.db').resolve()}"
+    client = MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([client.get_experiment_by_name("mol_props").experiment_id])
+    assert run.info.status == "FAILED"
 
 
 def _free_port() -> int:
