@@ -183,7 +183,10 @@ def load_table(config: DataConfig, path: Path) -> MoleculeTable:
             "(set data.smiles_column / data.target_columns / data.split.column)"
         )
     targets = np.stack(
-        [_parse_targets(frame[column].tolist(), config) for column in config.target_columns],
+        [
+            read_target_column(frame[column].tolist(), column, config)
+            for column in config.target_columns
+        ],
         axis=1,
     )  # [rows, T]
     smiles = frame[config.smiles_column].str.strip().tolist()
@@ -210,9 +213,14 @@ def load_table(config: DataConfig, path: Path) -> MoleculeTable:
     )
 
 
-def _parse_targets(values: Sequence[str], config: DataConfig) -> np.ndarray:
-    """Text -> float, mapping labels like BBB+/BBB- and leaving blanks as NaN."""
+def read_target_column(values: Sequence[str], column: str, config: DataConfig) -> np.ndarray:
+    """Text -> float: label_map entries (BBB+ / BBB-), numbers, blanks as missing (NaN).
+
+    Other text is read as missing too, and said so with examples; a column with no readable
+    value at all is an error (text labels need data.label_map), and so are classification
+    labels other than 0 and 1."""
     parsed = np.full(len(values), np.nan)
+    unreadable: list[int] = []
     for i, value in enumerate(values):
         text = value.strip()
         if text in config.label_map:
@@ -221,7 +229,29 @@ def _parse_targets(values: Sequence[str], config: DataConfig) -> np.ndarray:
             try:
                 parsed[i] = float(text)
             except ValueError:
-                parsed[i] = np.nan
+                unreadable.append(i)
+    if unreadable:
+        examples = ", ".join(f"row {i}: {values[i]!r}" for i in unreadable[:3])
+        if np.isnan(parsed).all():
+            raise DataError(
+                f"target column {column!r} holds no number (e.g. {examples}); map text labels "
+                "to numbers with data.label_map, e.g. '++data.label_map={yes: 1, no: 0}'"
+            )
+        LOGGER.warning(
+            "data: %d value(s) of column %r are neither numbers nor data.label_map keys; read "
+            "as missing (e.g. %s)",
+            len(unreadable),
+            column,
+            examples,
+        )
+    if config.task == "classification":
+        labels = set(parsed[~np.isnan(parsed)].tolist())
+        if not labels <= {0.0, 1.0}:
+            raise DataError(
+                f"target column {column!r} holds {sorted(labels - {0.0, 1.0})[:5]}: "
+                "data.task=classification takes labels 0 and 1 (map others with "
+                "data.label_map, or use data.task=regression)"
+            )
     return parsed
 
 

@@ -33,6 +33,7 @@ from mol_props.data import (
     scaffold_split,
     split_indices,
 )
+from mol_props.errors import DataError
 from mol_props.featurize import Featurizer, MoleculeGraph
 from tests.conftest import b3db_rows, workspace_overrides, write_molecule_csv
 
@@ -106,6 +107,24 @@ def test_load_table_skips_rows_without_smiles_or_targets(
     assert table.targets.dtype == np.float32
     assert table.target_names == ["label"] and table.split_labels is None
     assert "skipped 4 rows" in caplog.text
+    assert "1 value(s) of column 'label' are neither numbers" in caplog.text
+    assert "row 4: 'not a number'" in caplog.text
+
+
+def test_text_labels_without_a_label_map_say_how_to_map_them(tmp_path: Path, base_config: Config):
+    path = write_csv(tmp_path / "t.csv", ["smiles", "label"], [["CCO", "yes"], ["CCN", "no"]])
+    with pytest.raises(DataError, match=r"holds no number .*'\+\+data.label_map=\{yes: 1"):
+        load_table(csv_config(base_config, path).data, path)
+    mapped = csv_config(base_config, path, label_map={"yes": 1.0, "no": 0.0})
+    np.testing.assert_array_equal(load_table(mapped.data, path).targets[:, 0], [1.0, 0.0])
+
+
+def test_classification_labels_must_be_0_or_1(tmp_path: Path, base_config: Config):
+    path = write_csv(tmp_path / "t.csv", ["smiles", "label"], [["CCO", "1"], ["CCN", "2"]])
+    with pytest.raises(DataError, match=r"holds \[2.0\]: data.task=classification"):
+        load_table(csv_config(base_config, path).data, path)
+    regression = csv_config(base_config, path, task="regression")
+    np.testing.assert_array_equal(load_table(regression.data, path).targets[:, 0], [1.0, 2.0])
 
 
 def test_load_table_multi_target_with_missing_values(tmp_path: Path, base_config: Config):
