@@ -449,7 +449,17 @@ def _fit(
     if settings.resume:
         if not last_path.is_file():
             raise FileNotFoundError(f"train.resume=true but {last_path} does not exist")
-        fabric.load(last_path, state)
+        try:
+            fabric.load(last_path, state)
+        except RuntimeError as error:
+            if "Error(s) in loading state_dict" not in str(error):
+                raise
+            differences = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+            raise TrainingError(
+                f"train.resume=true: {last_path} holds a model with other settings "
+                f"({len(differences)} differences, e.g. {differences[0]!r}); resume with the "
+                "settings it was saved with, or start a new run without train.resume"
+            ) from None
         LOGGER.info("resumed from %s at epoch %d", last_path, state["epoch"])
 
     tracker = RunLogger(config.logging, run_name) if fabric.is_global_zero else None

@@ -179,6 +179,13 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, molecules_csv):
         train.run(_config(tmp_path, molecules_csv, "train.resume=true"))
 
 
+def test_resume_with_other_model_settings_is_a_clear_error(tmp_path, molecules_csv):
+    train.run(_config(tmp_path, molecules_csv, "train.max_epochs=1"))
+    wider = _config(tmp_path, molecules_csv, "train.resume=true", "model.hidden_dim=48")
+    with pytest.raises(train.TrainingError, match="last.ckpt holds a model with other settings"):
+        train.run(wider)
+
+
 def test_the_monitored_metric_is_the_loss_when_validation_has_one_class():
     one_class = np.array([[0.0], [0.0], [np.nan]])
     both = np.array([[0.0], [1.0], [np.nan]])
