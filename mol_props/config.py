@@ -228,32 +228,32 @@ def check_choices(config: Config) -> None:
         )
 
 
-# Counts and sizes with a smallest sensible value: checked when the config is composed, so that
+# Counts and sizes that must be at least 1: checked when the config is composed, so that
 # `train.max_epochs=0` is refused at once instead of ending a run without a checkpoint.
-AT_LEAST = {
-    ("preprocess", "max_atoms"): 1,
-    ("preprocess", "chunk_size"): 1,
-    ("model", "hidden_dim"): 1,
-    ("model", "num_layers"): 1,
-    ("model", "head_hidden_dim"): 1,
-    ("model", "head_layers"): 1,
-    ("train", "max_epochs"): 1,
-    ("train", "batch_size"): 1,
-    ("train", "patience"): 1,
-    ("train", "devices"): 1,
-    ("export", "parity_molecules"): 1,
-    ("infer", "batch_size"): 1,
-    ("infer", "chunk_size"): 1,
-}
+AT_LEAST_ONE = (
+    ("preprocess", "max_atoms"),
+    ("preprocess", "chunk_size"),
+    ("model", "hidden_dim"),
+    ("model", "num_layers"),
+    ("model", "head_hidden_dim"),
+    ("model", "head_layers"),
+    ("train", "max_epochs"),
+    ("train", "batch_size"),
+    ("train", "patience"),
+    ("train", "devices"),
+    ("export", "parity_molecules"),
+    ("infer", "batch_size"),
+    ("infer", "chunk_size"),
+)
 # Probabilities: dropout rates must lie in [0, 1).
 DROPOUT_RATES = (("model", "dropout"), ("model", "fingerprint_dropout"))
 
 
 def check_ranges(config: Config) -> None:
-    for (group, name), lowest in AT_LEAST.items():
+    for group, name in AT_LEAST_ONE:
         value = getattr(getattr(config, group), name)
-        if value < lowest:
-            raise ConfigError(f"{group}.{name}={value}: must be at least {lowest}")
+        if value < 1:
+            raise ConfigError(f"{group}.{name}={value}: must be at least 1")
     for group, name in DROPOUT_RATES:
         value = getattr(getattr(config, group), name)
         if not 0.0 <= value < 1.0:
