@@ -172,16 +172,26 @@ def load_table(config: DataConfig, path: Path) -> MoleculeTable:
     """Read SMILES and targets; skip (and log, with examples) rows without SMILES or targets."""
     import pandas as pd
 
-    frame = pd.read_csv(path, sep=_separator(config, path), dtype=str, keep_default_na=False)
+    separator = _separator(config, path)
+    try:
+        frame = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise DataError(
+            f"{path} is not a readable {separator!r}-separated UTF-8 text table ({error}); "
+            "data=csv reads .csv and .tsv files (data.separator sets another separator)"
+        ) from None
     required = [config.smiles_column, *config.target_columns]
     if config.split.kind == "column":
         required.append(config.split.column)
     missing = [column for column in required if column not in frame.columns]
     if missing:
-        raise DataError(
-            f"{path} lacks column(s) {missing}; it has {list(frame.columns)} "
-            "(set data.smiles_column / data.target_columns / data.split.column)"
-        )
+        hint = "set data.smiles_column / data.target_columns / data.split.column"
+        if len(frame.columns) == 1:
+            hint = (
+                f"one column only: is {separator!r} its separator? if not, set it, e.g. "
+                f"\"data.separator=';'\"; {hint}"
+            )
+        raise DataError(f"{path} lacks column(s) {missing}; it has {list(frame.columns)} ({hint})")
     targets = np.stack(
         [
             read_target_column(frame[column].tolist(), column, config)

@@ -164,6 +164,27 @@ def test_load_table_names_a_missing_column(tmp_path: Path, base_config: Config):
         load_table(csv_config(base_config, path).data, path)
 
 
+def test_load_table_suggests_the_separator_of_a_one_column_table(
+    tmp_path: Path, base_config: Config
+):
+    path = tmp_path / "semicolons.csv"
+    path.write_text("smiles;label\nCCO;1\nCCN;0\n")
+    with pytest.raises(DataError, match="one column only: is ',' its separator"):
+        load_table(csv_config(base_config, path).data, path)
+    table = load_table(csv_config(base_config, path, separator=";").data, path)
+    assert table.smiles == ["CCO", "CCN"]
+
+
+@pytest.mark.parametrize("content", [b"\x89ONNX\xab\xff binary", b""])
+def test_load_table_refuses_what_is_not_a_text_table(
+    tmp_path: Path, base_config: Config, content: bytes
+):
+    path = tmp_path / "model.csv"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match="is not a readable ','-separated UTF-8 text table"):
+        load_table(csv_config(base_config, path).data, path)
+
+
 # ----------------------------------------------------------------------------- duplicates
 
 
