@@ -282,9 +282,12 @@ def _read_chunks(
             raise InferenceError(f"{path} is empty: expected a header row with a SMILES column")
         found = _find_column(columns, smiles_column)
         if found is None:
+            hint = "name it with infer.smiles_column=<column>"
+            if len(columns) == 1:
+                hint += "; or, as it has one column only, is it not comma-separated? infer reads "
+                hint += "comma-separated .csv and tab-separated .tsv files"
             raise InferenceError(
-                f"{path} has no column {smiles_column!r} (columns: {', '.join(columns)}); "
-                "name it with infer.smiles_column=<column>"
+                f"{path} has no column {smiles_column!r} (columns: {', '.join(columns)}); {hint}"
             )
         column = found
         rows = iter(reader)

@@ -318,6 +318,7 @@ def test_header_only_file_gives_a_header_only_output(
     ("name", "content", "message"),
     [
         ("in.csv", "id,structure\n1,CCO\n", "has no column 'smiles'"),
+        ("in.csv", "smiles;id\nCCO;1\n", "one column only, is it not comma-separated?"),
         ("in.csv", "", "is empty"),
         ("in.csv", b"smiles\n\xff\xfe\x00CCO\n", "cannot read"),
         ("in.sdf", "CCO\n", "unsupported file type .sdf"),
