@@ -86,6 +86,13 @@ class Commands:
         """Train the GNN (fetching data with DVC), log to MLflow, export ONNX at the end."""
         with _reported_errors():
             config = _setup(overrides)
+            if config.train.export_after:
+                # Checked now rather than by the export after minutes of training.
+                from mol_props.triton_repo import check_model_repository
+
+                check_model_repository(
+                    Path(config.serving.triton_repo), config.export.triton_model_name
+                )
             from mol_props import train
 
             try:

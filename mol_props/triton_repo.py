@@ -55,15 +55,10 @@ def tensor_dims(metadata: ModelMetadata) -> dict[str, list[int]]:
     }
 
 
-def populate_model_repository(
-    repo_dir: Path, onnx_path: Path, metadata: ModelMetadata, onnx_model_name: str
-) -> None:
-    """Copy the ONNX model and its metadata into `repo_dir`; rewrite config dims to match them."""
-    repo_dir = Path(repo_dir)
-    dims = tensor_dims(metadata)
-    check_onnx_model(Path(onnx_path), dims)
-    onnx_config = repo_dir / onnx_model_name / "config.pbtxt"
-    ensemble_config = repo_dir / ENSEMBLE_MODEL / ENSEMBLE_CONFIGS[0]
+def check_model_repository(repo_dir: Path, onnx_model_name: str) -> None:
+    """`repo_dir` must hold the ONNX model's config and an ensemble that runs that model."""
+    onnx_config = Path(repo_dir) / onnx_model_name / "config.pbtxt"
+    ensemble_config = Path(repo_dir) / ENSEMBLE_MODEL / ENSEMBLE_CONFIGS[0]
     for path in (onnx_config, ensemble_config):
         if not path.is_file():
             raise ModelRepositoryError(f"{path} does not exist: is {repo_dir} the Triton repo?")
@@ -72,6 +67,17 @@ def populate_model_repository(
             f"{ensemble_config} has no step running {onnx_model_name!r}: "
             "export.triton_model_name and the ensemble must name the same model"
         )
+
+
+def populate_model_repository(
+    repo_dir: Path, onnx_path: Path, metadata: ModelMetadata, onnx_model_name: str
+) -> None:
+    """Copy the ONNX model and its metadata into `repo_dir`; rewrite config dims to match them."""
+    repo_dir = Path(repo_dir)
+    dims = tensor_dims(metadata)
+    check_onnx_model(Path(onnx_path), dims)
+    check_model_repository(repo_dir, onnx_model_name)
+    onnx_config = repo_dir / onnx_model_name / "config.pbtxt"
     step_tensors = {name: dims[name] for name in MODEL_INPUTS}
     targets = json.dumps(metadata.targets)
     rewrites = [

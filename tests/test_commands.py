@@ -53,9 +53,21 @@ def test_a_bad_config_is_one_error_line_without_a_traceback(override: str, named
 
 def test_train_on_a_missing_table_names_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     missing = tmp_path / "missing.csv"
-    code, err = run_cli(capsys, "train", *workspace_overrides(tmp_path, missing))
+    overrides = workspace_overrides(tmp_path, missing)
+    code, err = run_cli(capsys, "train", *overrides, "train.export_after=false")
     assert code == USAGE_ERROR
     assert f"error: data file {missing} is missing" in err
+
+
+def test_train_checks_the_triton_repository_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    data = write_molecule_csv(tmp_path / "molecules.csv", 10)
+    # workspace_overrides point serving.triton_repo at an empty directory: not a model repository.
+    code, err = run_cli(capsys, "train", *workspace_overrides(tmp_path, data))
+    assert code == USAGE_ERROR
+    assert f"is {tmp_path / 'triton_repo'} the Triton repo?" in err
+    assert not (tmp_path / "checkpoints").exists()  # refused before any training
 
 
 def test_export_without_a_checkpoint_says_to_train_first(
@@ -89,7 +101,10 @@ def test_a_bug_keeps_its_traceback(
     monkeypatch.setattr(train, "run", broken_run)
     data = write_molecule_csv(tmp_path / "molecules.csv", 10)
     with pytest.raises(ZeroDivisionError):
-        fire.Fire(Commands, command=["train", *workspace_overrides(tmp_path, data)])
+        fire.Fire(
+            Commands,
+            command=["train", *workspace_overrides(tmp_path, data), "train.export_after=false"],
+        )
 
 
 def test_user_errors_are_the_projects_own_and_the_config_libraries():
