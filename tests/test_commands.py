@@ -25,6 +25,14 @@ def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def run_in_workspace(
+    capsys: pytest.CaptureFixture, root: Path, command: str, *extra: str
+) -> tuple[int, str]:
+    """`mol_props COMMAND` on 10 real molecules, every path inside `root`."""
+    data = write_molecule_csv(root / "molecules.csv", 10)
+    return run_cli(capsys, command, *workspace_overrides(root, data), *extra)
+
+
 def run_process(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "mol_props.commands", *args],
@@ -62,9 +70,8 @@ def test_train_on_a_missing_table_names_it(tmp_path: Path, capsys: pytest.Captur
 def test_train_checks_the_triton_repository_before_training(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
-    data = write_molecule_csv(tmp_path / "molecules.csv", 10)
     # workspace_overrides point serving.triton_repo at an empty directory: not a model repository.
-    code, err = run_cli(capsys, "train", *workspace_overrides(tmp_path, data))
+    code, err = run_in_workspace(capsys, tmp_path, "train")
     assert code == USAGE_ERROR
     assert f"is {tmp_path / 'triton_repo'} the Triton repo?" in err
     assert not (tmp_path / "checkpoints").exists()  # refused before any training
@@ -73,8 +80,7 @@ def test_train_checks_the_triton_repository_before_training(
 def test_export_without_a_checkpoint_says_to_train_first(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
-    data = write_molecule_csv(tmp_path / "molecules.csv", 10)
-    code, err = run_cli(capsys, "export", *workspace_overrides(tmp_path, data))
+    code, err = run_in_workspace(capsys, tmp_path, "export")
     assert code == USAGE_ERROR
     assert f"no checkpoint at {tmp_path / 'models' / 'best.ckpt'}" in err
     assert "mol_props train" in err
@@ -99,12 +105,8 @@ def test_a_bug_keeps_its_traceback(
         raise ZeroDivisionError("a bug, not a user error")
 
     monkeypatch.setattr(train, "run", broken_run)
-    data = write_molecule_csv(tmp_path / "molecules.csv", 10)
     with pytest.raises(ZeroDivisionError):
-        fire.Fire(
-            Commands,
-            command=["train", *workspace_overrides(tmp_path, data), "train.export_after=false"],
-        )
+        run_in_workspace(capsys, tmp_path, "train", "train.export_after=false")
 
 
 def test_user_errors_are_the_projects_own_and_the_config_libraries():
