@@ -145,12 +145,20 @@ def masked_loss(outputs: torch.Tensor, targets: torch.Tensor, task: str) -> torc
 def make_fabric(config: TrainConfig) -> Fabric:
     if config.num_threads > 0:
         torch.set_num_threads(config.num_threads)
-    return Fabric(
-        accelerator=config.accelerator,
-        devices=config.devices,
-        precision=config.precision,
-        strategy=config.strategy,
-    )
+    try:
+        return Fabric(
+            accelerator=config.accelerator,
+            devices=config.devices,
+            precision=config.precision,
+            strategy=config.strategy,
+        )
+    except (RuntimeError, ValueError, ImportError) as error:
+        # Lightning's own messages name the problem (no CUDA here, a precision it does not
+        # know, a missing package); these settings are what the user can change.
+        raise ConfigError(
+            f"train.accelerator={config.accelerator}, train.devices={config.devices}, "
+            f"train.precision={config.precision}, train.strategy={config.strategy}: {error}"
+        ) from None
 
 
 def make_scheduler(

@@ -205,6 +205,24 @@ def test_a_one_class_validation_split_trains_on_the_validation_loss(tmp_path, ca
     assert result.checkpoint.is_file() and result.epochs_run == 2
 
 
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("train.precision=16-mix", "Precision '16-mix' is invalid"),
+        pytest.param(
+            "train.accelerator=cuda",
+            "CUDAAccelerator` can not run",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here"),
+        ),
+    ],
+)
+def test_fabric_settings_that_cannot_work_name_themselves(tmp_path, override, named):
+    config = _config(tmp_path, tmp_path / "unused.csv", override)
+    with pytest.raises(ConfigError, match=named) as caught:
+        train.make_fabric(config.train)
+    assert str(caught.value).startswith("train.accelerator=")
+
+
 def test_an_empty_validation_split_is_a_clear_error(tmp_path, molecules_csv):
     config = _config(tmp_path, molecules_csv, "data.split.fractions=[1.0,0.0,0.0]")
     with pytest.raises(ConfigError, match="the val split is empty"):
