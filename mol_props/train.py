@@ -16,6 +16,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -347,6 +348,17 @@ def run(config: Config) -> TrainResult:
         log_handler.close()
 
 
+def mismatched_tensors(
+    own: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], names: Iterable[str]
+) -> list[str]:
+    """The `names` that one of the two state dicts lacks or holds with another shape."""
+    return sorted(
+        name
+        for name in names
+        if name not in own or name not in saved or own[name].shape != saved[name].shape
+    )
+
+
 def initialize_from(network: MoleculeGNN, checkpoint: Path) -> list[str]:
     """Copy the weights of an earlier run into `network` (transfer learning); returns the copied
     names. Output layers and the descriptor scaling stay this run's; every other tensor must match
@@ -357,9 +369,7 @@ def initialize_from(network: MoleculeGNN, checkpoint: Path) -> list[str]:
     own = network.state_dict()
     skipped = network.output_layer_names() | {"descriptor_mean", "descriptor_std"}
     wanted = [name for name in own if name not in skipped]
-    mismatched = [
-        name for name in wanted if name not in source or source[name].shape != own[name].shape
-    ]
+    mismatched = mismatched_tensors(own, source, wanted)
     if mismatched:
         raise ConfigError(
             f"train.init_from={checkpoint}: {len(mismatched)} tensors differ from this model "
@@ -457,17 +467,16 @@ def _fit(
     if settings.resume:
         if not last_path.is_file():
             raise FileNotFoundError(f"train.resume=true but {last_path} does not exist")
-        try:
-            fabric.load(last_path, state)
-        except RuntimeError as error:
-            if "Error(s) in loading state_dict" not in str(error):
-                raise
-            differences = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+        saved = torch.load(last_path, map_location="cpu", weights_only=True)["model"]
+        own = network.state_dict()
+        mismatched = mismatched_tensors(own, saved, own.keys() | saved.keys())
+        if mismatched:
             raise TrainingError(
                 f"train.resume=true: {last_path} holds a model with other settings "
-                f"({len(differences)} differences, e.g. {differences[0]!r}); resume with the "
+                f"({len(mismatched)} tensors differ, e.g. {mismatched[:3]}); resume with the "
                 "settings it was saved with, or start a new run without train.resume"
-            ) from None
+            )
+        fabric.load(last_path, state)
         LOGGER.info("resumed from %s at epoch %d", last_path, state["epoch"])
 
     tracker = RunLogger(config.logging, run_name) if fabric.is_global_zero else None
