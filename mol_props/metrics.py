@@ -27,22 +27,45 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     )
 
 
-def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
-    """PR-AUC as average precision: sum over score thresholds of (recall gained) x precision.
-
-    Equal scores form one threshold, as in scikit-learn; taking precision at each positive in
-    sorted order instead would make the result depend on the input order of tied molecules."""
-    positives = labels == 1
-    num_positive = int(positives.sum())
-    if num_positive == 0:
-        return float("nan")
+def _counts_by_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """True and false positives when everything scoring >= t is called positive, for each
+    distinct score t from the highest down. Equal scores form one threshold, as in scikit-learn;
+    stepping through tied molecules one by one would make curves and areas depend on their
+    input order."""
     order = np.argsort(-scores, kind="mergesort")
     sorted_scores = scores[order]
     # The last position of each run of equal scores: one threshold each.
-    thresholds = np.append(np.flatnonzero(np.diff(sorted_scores)), len(sorted_scores) - 1)
-    true_positives = np.cumsum(positives[order])[thresholds]
-    precision = true_positives / (thresholds + 1)
-    recall = true_positives / num_positive
+    last = np.append(np.flatnonzero(np.diff(sorted_scores)), len(sorted_scores) - 1)
+    true_positives = np.cumsum(labels[order] == 1)[last]
+    return true_positives, (last + 1) - true_positives
+
+
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) from (0, 0) to (1, 1), one point per distinct
+    score; NaN rates when a class is absent."""
+    true_positives, false_positives = _counts_by_threshold(labels, scores)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        true_positive_rate = true_positives / true_positives[-1]
+        false_positive_rate = false_positives / false_positives[-1]
+    return np.append(0.0, false_positive_rate), np.append(0.0, true_positive_rate)
+
+
+def precision_recall_curve(
+    labels: np.ndarray, scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(precision, recall), one point per distinct score from the highest down (recall rising)."""
+    true_positives, false_positives = _counts_by_threshold(labels, scores)
+    precision = true_positives / (true_positives + false_positives)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = true_positives / true_positives[-1]
+    return precision, recall
+
+
+def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    """PR-AUC as average precision: sum over score thresholds of (recall gained) x precision."""
+    if not np.any(labels == 1):
+        return float("nan")
+    precision, recall = precision_recall_curve(labels, scores)
     return float(np.sum(np.diff(recall, prepend=0.0) * precision))
 
 

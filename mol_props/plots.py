@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mol_props import metrics
+
 
 def _pyplot():
     import matplotlib
@@ -33,61 +35,74 @@ def learning_curves(history: list[dict[str, float]], metric: str, path: Path) ->
     return path
 
 
-def _roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    order = np.argsort(-scores, kind="mergesort")
-    hits = labels[order] == 1
-    true_positive_rate = np.concatenate([[0], np.cumsum(hits) / max(hits.sum(), 1)])
-    false_positive_rate = np.concatenate([[0], np.cumsum(~hits) / max((~hits).sum(), 1)])
-    return false_positive_rate, true_positive_rate
-
-
 def classification_figures(
     labels: np.ndarray, probabilities: np.ndarray, name: str, directory: Path
 ) -> list[Path]:
-    """ROC, precision-recall and calibration (reliability) plots for one target."""
+    """ROC, precision-recall and calibration (reliability) plots for one target.
+
+    The curves are the ones the metrics integrate (ties merged into one threshold), so the areas
+    in the legends are the logged ROC-AUC and PR-AUC."""
     plt = _pyplot()
     paths = []
-    false_positive_rate, true_positive_rate = _roc_points(labels, probabilities)
+    false_positive_rate, true_positive_rate = metrics.roc_curve(labels, probabilities)
     figure, axis = plt.subplots(figsize=(5, 5))
-    axis.plot(false_positive_rate, true_positive_rate)
-    axis.plot([0, 1], [0, 1], "--", color="grey")
+    auc = metrics.roc_auc(labels, probabilities)
+    axis.plot(false_positive_rate, true_positive_rate, label=f"model (AUC = {auc:.3f})")
+    axis.plot([0, 1], [0, 1], "--", color="grey", label="chance")
     axis.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC ({name})")
+    axis.legend(loc="lower right")
     paths.append(directory / "roc.png")
     figure.savefig(paths[-1], dpi=120)
     plt.close(figure)
 
-    order = np.argsort(-probabilities, kind="mergesort")
-    hits = labels[order] == 1
-    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-    recall = np.cumsum(hits) / max(hits.sum(), 1)
+    precision, recall = metrics.precision_recall_curve(labels, probabilities)
     figure, axis = plt.subplots(figsize=(5, 5))
-    axis.plot(recall, precision)
+    average_precision = metrics.average_precision(labels, probabilities)
+    # Precision holds until recall rises at the next threshold: steps, as the area counts it.
+    axis.step(
+        np.append(0.0, recall),
+        np.append(precision[:1], precision),
+        where="pre",
+        label=f"model (AP = {average_precision:.3f})",
+    )
     axis.axhline(labels.mean(), linestyle="--", color="grey", label="base rate")
     axis.set(xlabel="recall", ylabel="precision", title=f"Precision-recall ({name})")
-    axis.legend()
+    axis.legend(loc="lower left")
     paths.append(directory / "pr.png")
     figure.savefig(paths[-1], dpi=120)
     plt.close(figure)
 
+    paths.append(_calibration_figure(labels, probabilities, name, directory / "calibration.png"))
+    return paths
+
+
+def _calibration_figure(
+    labels: np.ndarray, probabilities: np.ndarray, name: str, path: Path
+) -> Path:
+    """Observed fraction of positives per tenth of predicted probability, above how many
+    molecules each tenth holds (a point made of three molecules says little)."""
+    plt = _pyplot()
     bins = np.linspace(0, 1, 11)
     which = np.clip(np.digitize(probabilities, bins) - 1, 0, 9)
     filled = [i for i in range(10) if np.any(which == i)]
-    figure, axis = plt.subplots(figsize=(5, 5))
-    axis.plot(
+    figure, (curve_axis, count_axis) = plt.subplots(
+        2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    curve_axis.plot(
         [probabilities[which == i].mean() for i in filled],
         [labels[which == i].mean() for i in filled],
         "o-",
-        label="model",
+        label=f"model (Brier = {np.mean((probabilities - labels) ** 2):.3f})",
     )
-    axis.plot([0, 1], [0, 1], "--", color="grey", label="perfect")
-    axis.set(
-        xlabel="predicted probability", ylabel="observed fraction", title=f"Calibration ({name})"
-    )
-    axis.legend()
-    paths.append(directory / "calibration.png")
-    figure.savefig(paths[-1], dpi=120)
+    curve_axis.plot([0, 1], [0, 1], "--", color="grey", label="perfect")
+    curve_axis.set(ylabel="observed fraction of positives", title=f"Calibration ({name})")
+    curve_axis.legend(loc="upper left")
+    count_axis.hist(probabilities, bins=bins, color="C0", alpha=0.6)
+    count_axis.set(xlabel="predicted probability", ylabel="molecules")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
     plt.close(figure)
-    return paths
+    return path
 
 
 def regression_figures(

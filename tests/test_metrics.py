@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from sklearn import metrics as reference
 
-from mol_props.metrics import classification_metrics, evaluate, regression_metrics
+from mol_props.metrics import (
+    classification_metrics,
+    evaluate,
+    precision_recall_curve,
+    regression_metrics,
+    roc_curve,
+)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -55,3 +61,24 @@ def test_evaluate_skips_missing_labels_and_averages_defined_targets_quietly():
     assert results["a/accuracy"] == pytest.approx(2 / 3)  # the missing label is not counted
     only_one_class = evaluate(targets[:, 1:], predictions[:, 1:], "classification", ["b"])
     assert np.isnan(only_one_class["roc_auc"])
+
+
+def test_curves_merge_ties_like_scikit_learn():
+    generator = np.random.default_rng(4)
+    labels = generator.integers(0, 2, size=300).astype(np.float64)
+    scores = np.round(generator.random(300), 1)  # ~10 distinct scores: ties everywhere
+    false_positive_rate, true_positive_rate = roc_curve(labels, scores)
+    expected_fpr, expected_tpr, _ = reference.roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(false_positive_rate, expected_fpr)
+    np.testing.assert_allclose(true_positive_rate, expected_tpr)
+    precision, recall = precision_recall_curve(labels, scores)
+    # scikit-learn lists thresholds from the lowest and ends at (recall 0, precision 1).
+    expected_precision, expected_recall, _ = reference.precision_recall_curve(labels, scores)
+    np.testing.assert_allclose(precision, expected_precision[::-1][1:])
+    np.testing.assert_allclose(recall, expected_recall[::-1][1:])
+    assert len(precision) == len(np.unique(scores))
+    # The same molecules in another order give the same curve.
+    order = generator.permutation(300)
+    np.testing.assert_allclose(
+        roc_curve(labels[order], scores[order]), (false_positive_rate, true_positive_rate)
+    )
