@@ -106,27 +106,45 @@ def export_onnx(
         )
 
 
-def onnx_input_shapes(path: Path) -> dict[str, list[int | str]]:
-    """Input name -> shape of an ONNX model: an int per fixed dim, the symbol of a dynamic one."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
+def _shapes(values) -> dict[str, list[int | str]]:
+    """Name -> shape of ONNX graph inputs or outputs: an int per fixed dim, a symbol otherwise."""
     return {
         value.name: [
             dim.dim_value if dim.HasField("dim_value") else dim.dim_param
             for dim in value.type.tensor_type.shape.dim
         ]
-        for value in graph.input
+        for value in values
     }
 
 
-def check_fixed_shapes(path: Path, inputs: dict[str, np.ndarray]) -> None:
-    """The Triton / TensorRT contract: dynamic batch, every other dim fixed as in `inputs`."""
-    shapes = onnx_input_shapes(path)
+def onnx_input_shapes(path: Path) -> dict[str, list[int | str]]:
+    """Input name -> shape of an ONNX model: an int per fixed dim, the symbol of a dynamic one."""
+    import onnx
+
+    return _shapes(onnx.load(str(path), load_external_data=False).graph.input)
+
+
+def check_fixed_shapes(
+    path: Path, inputs: dict[str, np.ndarray], num_targets: int, opset: int
+) -> None:
+    """The Triton / TensorRT contract: dynamic batch, every other dim fixed as in `inputs`, and
+    one output [batch, num_targets]."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    shapes = _shapes(graph.input)
     for name in INPUT_NAMES:
         expected = ["batch", *inputs[name].shape[1:]]
         if shapes.get(name) != expected:
             raise ExportError(f"{path}: input {name} has shape {shapes.get(name)}, not {expected}")
+    output = _shapes(graph.output).get(OUTPUT_NAME)
+    if output != ["batch", num_targets]:
+        # PyTorch's exporter declares the output as [batch] below opset 11 (7, 9 and 10 seen
+        # here), although ONNX Runtime returns [batch, T]: Triton would refuse the model.
+        raise ExportError(
+            f"{path}: output {OUTPUT_NAME} is declared as {output}, not ['batch', {num_targets}], "
+            f"with export.opset={opset}; export with export.opset=11 or later (default 17)"
+        )
 
 
 def check_parity(
@@ -195,7 +213,7 @@ def run(config: Config, validation_graphs: list[MoleculeGraph] | None = None) ->
     # Another batch size than the traced one: proves the batch axis really is dynamic.
     few_inputs = {name: array[:PARITY_SMALL_BATCH] for name, array in fixed_inputs.items()}
     export_onnx(model, fixed_inputs, fixed_path, settings.opset, False, settings.exporter)
-    check_fixed_shapes(fixed_path, fixed_inputs)
+    check_fixed_shapes(fixed_path, fixed_inputs, len(metadata.targets), settings.opset)
     differences = [
         check_parity(model, fixed_path, fixed_inputs, tolerance),
         check_parity(model, fixed_path, few_inputs, tolerance),

@@ -167,3 +167,23 @@ def test_dynamo_exporter_without_onnxscript_says_what_is_missing(
 def test_missing_checkpoint_names_the_training_command(tmp_path: Path):
     with pytest.raises(ExportError, match="mol_props train"):
         load_prediction_model(tmp_path / "best.ckpt")
+
+
+def test_an_opset_that_drops_the_output_shape_is_refused_before_publishing(
+    exported_model: ExportedModel, metadata: ModelMetadata, tmp_path: Path
+):
+    """PyTorch declares the output [batch] at opset 10 (ONNX Runtime still answers [batch, T]);
+    Triton would refuse that model, so export stops and names the setting."""
+    config = compose_config(
+        [
+            *exported_model.overrides,
+            "export.opset=10",
+            f"export.onnx_path={tmp_path / 'model.onnx'}",
+            f"export.dynamic_onnx_path={tmp_path / 'model_dynamic_atoms.onnx'}",
+            f"export.metadata_path={tmp_path / 'model.json'}",
+            f"serving.triton_repo={tmp_path / 'triton_repo'}",
+        ]
+    )
+    with pytest.raises(ExportError, match=r"declared as \['batch'\].*export.opset=11 or later"):
+        export.run(config, validation_graphs=real_graphs(metadata, 8))
+    assert not (tmp_path / "model.json").exists()
