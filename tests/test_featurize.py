@@ -20,6 +20,7 @@ from mol_props.featurize import (
     FeaturizationError,
     Featurizer,
     MoleculeGraph,
+    _PackedChunk,
     featurize_parallel,
     pad_graphs,
 )
@@ -465,16 +466,46 @@ def test_parallel_equals_serial(preprocess: PreprocessConfig):
     parallel = featurize_parallel(
         smiles, preprocess, num_workers=2, chunk_size=3, progress=False, with_keys=True
     )
-    assert len(parallel) == len(serial) == len(smiles)
-    errors = 0
-    for text, one, other in zip(smiles, serial, parallel):
-        assert type(one) is type(other), text
-        if isinstance(one, FeaturizationError):
-            assert (other.smiles, other.reason) == (one.smiles, one.reason) == (text, one.reason)
-            errors += 1
-            continue
-        np.testing.assert_array_equal(one.atom_features, other.atom_features)
-        np.testing.assert_array_equal(one.adjacency, other.adjacency)
-        np.testing.assert_array_equal(one.descriptors, other.descriptors)
-        assert (one.canonical_smiles, one.scaffold) == (other.canonical_smiles, other.scaffold)
+    assert_same_results(parallel, serial)
+    errors = sum(isinstance(result, FeaturizationError) for result in parallel)
     assert errors == 3
+
+
+def assert_same_results(first: list, second: list) -> None:
+    assert len(first) == len(second)
+    for one, other in zip(first, second):
+        assert type(one) is type(other)
+        if isinstance(one, FeaturizationError):
+            assert (one.smiles, one.reason) == (other.smiles, other.reason)
+            continue
+        for field in ("atom_features", "adjacency", "descriptors"):
+            mine, theirs = getattr(one, field), getattr(other, field)
+            assert mine.dtype == theirs.dtype == np.float32
+            np.testing.assert_array_equal(mine, theirs)
+        assert (one.canonical_smiles, one.scaffold) == (other.canonical_smiles, other.scaffold)
+
+
+def test_worker_results_come_back_bit_for_bit(featurizer: Featurizer):
+    """Workers send flags as bits and bond orders as bytes; the parent must rebuild the same
+    float32 arrays (aromatic 1.5 bonds, a dative bond, isotope masses, errors in between)."""
+    results = featurizer.featurize_many(EDGE_CASES + ["C1CC", "c1ccccc1"], with_keys=True)
+    packed = _PackedChunk.pack(results)
+    assert not isinstance(packed.atom_features, np.ndarray)  # sent as (bits, last column)
+    assert packed.adjacency.dtype == np.uint8
+    assert_same_results(pickle.loads(pickle.dumps(packed)).unpack(), results)
+
+
+def test_packing_sends_values_it_cannot_compress_as_they_are():
+    graph = MoleculeGraph(
+        atom_features=np.array([[1.0, 0.5, 0.12], [0.0, 1.0, 0.14]], dtype=np.float32),
+        adjacency=np.array([[0.0, 0.25], [0.25, 0.0]], dtype=np.float32),
+        descriptors=np.array([3.0], dtype=np.float32),
+    )
+    packed = _PackedChunk.pack([graph])
+    assert packed.atom_features.dtype == packed.adjacency.dtype == np.float32
+    assert_same_results(packed.unpack(), [graph])
+
+
+def test_a_chunk_without_any_graph_packs():
+    errors = [FeaturizationError("C1CC", "unparsable SMILES"), FeaturizationError("", "empty")]
+    assert_same_results(_PackedChunk.pack(errors).unpack(), errors)
