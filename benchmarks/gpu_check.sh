@@ -1,16 +1,28 @@
 #!/usr/bin/env bash
-# One short GPU check (a machine with CUDA and this project's environment): train a couple of
-# epochs on CUDA, export, compare ONNX Runtime with PyTorch, print epoch and total times.
-#   bash benchmarks/gpu_check.sh [EPOCHS]
+# One short GPU check (a machine with CUDA and this project's environment): default training on
+# CUDA (EPOCHS caps it; the default config's own cap is 30, with early stopping), export, compare
+# ONNX Runtime with PyTorch, print each epoch's time and the total.
+#   bash benchmarks/gpu_check.sh [EPOCHS] [ACCELERATOR]
+# ACCELERATOR defaults to cuda; `bash benchmarks/gpu_check.sh 1 cpu` rehearses the script on a
+# machine without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-epochs="${1:-2}"
+epochs="${1:-30}"
+accelerator="${2:-cuda}"
 work="$(mktemp -d)"
 cp -r triton_repo "$work/triton_repo"
-python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('gpu:', torch.cuda.get_device_name(0))"
+python3 - "$accelerator" <<'PY'
+import sys
+
+import torch
+
+if sys.argv[1] == "cuda":
+    assert torch.cuda.is_available(), "no CUDA device"
+    print("gpu:", torch.cuda.get_device_name(0), "| torch", torch.__version__)
+PY
 start=$(date +%s.%N)
 python3 -m mol_props.commands train \
-  train.accelerator=cuda train.max_epochs="$epochs" train.progress=false \
+  train.accelerator="$accelerator" train.max_epochs="$epochs" train.progress=false \
   data.dvc.enabled=false export.dvc_track=false \
   logging.tracking_uri=http://127.0.0.1:9 logging.connect_timeout_s=0.5 \
   logging.fallback_uri="$work/mlruns" logging.plots_dir="$work/plots" \
@@ -19,7 +31,7 @@ python3 -m mol_props.commands train \
   export.dynamic_onnx_path="$work/models/model_dynamic_atoms.onnx" \
   export.metadata_path="$work/models/model.json" serving.triton_repo="$work/triton_repo"
 end=$(date +%s.%N)
-python3 - "$work" <<'PY'
+python3 - "$work" "$start" "$end" <<'PY'
 import sqlite3
 import sys
 from pathlib import Path
@@ -30,5 +42,9 @@ rows = sqlite3.connect(database).execute(
 ).fetchall()
 for step, seconds in rows:
     print(f"epoch {step}: {seconds:.2f} s")
+if rows:
+    times = sorted(seconds for _, seconds in rows)
+    print(f"epochs: {len(rows)}, median {times[len(times) // 2]:.2f} s, sum {sum(times):.1f} s")
+total = float(sys.argv[3]) - float(sys.argv[2])
+print(f"total (start-up, featurization, training, export + parity check): {total:.1f} s")
 PY
-echo "total (start-up, featurization, training, export + parity check): $(echo "$end - $start" | bc) s"
