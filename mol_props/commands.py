@@ -187,7 +187,7 @@ class Commands:
 
 
 def main() -> None:
-    fire.Fire(Commands, name="mol_props")
+    fire.Fire(Commands(), name="mol_props")
 
 
 if __name__ == "__main__":

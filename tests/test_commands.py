@@ -18,7 +18,7 @@ from tests.conftest import REPO_ROOT, workspace_overrides, write_molecule_csv
 def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
     """`mol_props ARGS` in this process through fire: (exit code, stderr)."""
     try:
-        fire.Fire(Commands, command=list(args), name="mol_props")
+        fire.Fire(Commands(), command=list(args), name="mol_props")
         code = 0
     except SystemExit as exit_:
         code = exit_.code
@@ -42,6 +42,17 @@ def run_process(*args: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=120,
     )
+
+
+def test_help_lists_every_command():
+    """`mol_props --help` is where a new user looks first (fire shows the constructor's help,
+    without the commands, when given the class instead of an instance)."""
+    result = run_process("--help")
+    assert result.returncode == 0, result.stderr
+    # fire writes its help to stderr when that is not a terminal.
+    listed = (result.stdout + result.stderr).split("COMMANDS", 1)[-1].split()
+    for command in ("train", "export", "infer", "serve", "download_data"):
+        assert command in listed
 
 
 @pytest.mark.parametrize(

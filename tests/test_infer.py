@@ -64,7 +64,7 @@ def config_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
 def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
     """`mol_props ARGS` in this process through fire: (exit code, stdout, stderr)."""
     try:
-        fire.Fire(Commands, command=list(args), name="mol_props")
+        fire.Fire(Commands(), command=list(args), name="mol_props")
         code = 0
     except SystemExit as exit_:
         code = exit_.code
