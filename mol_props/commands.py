@@ -19,12 +19,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import fire
 
 from mol_props.config import Config, compose_config
+from mol_props.errors import UsageError
 
 USAGE_ERROR = 2  # exit status of a request that cannot run as given
 
@@ -59,18 +60,55 @@ def _setup(overrides: tuple[str, ...]) -> Config:
     return compose_config([str(override) for override in overrides])
 
 
-def _check_infer_arguments(overrides: tuple[str, ...]) -> None:
-    """Catch the two ways of asking for several molecules that fire would silently mangle."""
-    from mol_props.infer import InferenceError
+# infer's options as fire accepts them (a unique first letter works as a short flag; -s is
+# ambiguous between smiles and server, and fire refuses it itself). The other commands take
+# config overrides only.
+INFER_OPTIONS = ("--smiles", "--input", "-i", "--output", "-o", "--server")
+HELP_OPTIONS = ("--help", "-h")
 
-    flags = [
-        arg for arg in sys.argv[1:] if arg in ("--smiles", "-s") or arg.startswith("--smiles=")
+
+def check_arguments(arguments: Sequence[str]) -> None:
+    """Refuse, before anything runs, what fire would run anyway and complain about only at the
+    end (an unknown option: `mol_props train --max_epochs 3` trained a whole default run, then
+    said "Could not consume arg") or silently drop (all but the last of repeated --smiles)."""
+    if not arguments or arguments[0].startswith("-"):
+        return
+    command, rest = arguments[0], list(arguments[1:])
+    if "--" in rest:  # after it come fire's own flags (--trace, --verbose, ...)
+        rest = rest[: rest.index("--")]
+    known = (INFER_OPTIONS if command == "infer" else ()) + HELP_OPTIONS
+    for argument in rest:
+        option = argument.split("=", 1)[0]
+        if argument.startswith("-") and option not in known:
+            takes = f"{', '.join(INFER_OPTIONS)} and " if command == "infer" else ""
+            raise UsageError(
+                f"mol_props {command}: unknown option {option!r}; it takes {takes}config "
+                f"overrides KEY=VALUE{_override_hint(option)} (see `mol_props {command} --help`)"
+            )
+    smiles_options = [
+        argument for argument in rest if argument == "--smiles" or argument.startswith("--smiles=")
     ]
-    if len(flags) > 1:
-        # fire keeps only the last of repeated flags: the other molecules would vanish.
-        raise InferenceError(
+    if len(smiles_options) > 1:
+        raise UsageError(
             "--smiles given more than once; give several molecules as --smiles 'CCO,c1ccccc1'"
         )
+
+
+def _override_hint(option: str) -> str:
+    """`, e.g. train.max_epochs=...` for `--max_epochs` / `--max-epochs`, if a key ends so."""
+    name = option.lstrip("-").replace("-", "_")
+    if not name:
+        return ""
+    from mol_props.config import to_flat_dict
+
+    matches = [key for key in to_flat_dict(compose_config([])) if key.rsplit(".", 1)[-1] == name]
+    return f", e.g. {matches[0]}=..." if len(matches) == 1 else ""
+
+
+def _check_infer_overrides(overrides: tuple[str, ...]) -> None:
+    """A positional argument that is not KEY=VALUE is a molecule given the wrong way."""
+    from mol_props.infer import InferenceError
+
     for override in overrides:
         if "=" not in str(override) and not str(override).startswith("~"):
             raise InferenceError(
@@ -151,7 +189,7 @@ class Commands:
             # RuntimeError too: a file run whose worker process died (RDKit crashed, the OOM
             # killer) ends with BrokenProcessPool, which says so.
             with _reported_errors(RuntimeError):
-                _check_infer_arguments(overrides)
+                _check_infer_overrides(overrides)
                 # Cached on disk by the content of configs/: composing costs half a cold start.
                 config = infer.compose_config_cached(overrides)
                 code = infer.run(
@@ -187,7 +225,10 @@ class Commands:
 
 
 def main() -> None:
-    fire.Fire(Commands(), name="mol_props")
+    arguments = sys.argv[1:]
+    with _reported_errors():
+        check_arguments(arguments)
+    fire.Fire(Commands(), command=arguments, name="mol_props")
 
 
 if __name__ == "__main__":

@@ -19,3 +19,7 @@ class ConfigError(MolPropsError, ValueError):
 
 class DataError(MolPropsError, ValueError):
     """A data table that cannot be used as configured (missing column, unknown split label)."""
+
+
+class UsageError(MolPropsError, ValueError):
+    """Command-line arguments the command would misread: an unknown option, a repeated one."""

@@ -6,19 +6,21 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
-import fire
 import pytest
 
 from mol_props import commands
-from mol_props.commands import USAGE_ERROR, Commands
+from mol_props.commands import USAGE_ERROR, check_arguments
+from mol_props.errors import UsageError
 from tests.conftest import REPO_ROOT, workspace_overrides, write_molecule_csv
 
 
 def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
-    """`mol_props ARGS` in this process through fire: (exit code, stderr)."""
+    """`mol_props ARGS` in this process, through the entry point: (exit code, stderr)."""
     try:
-        fire.Fire(Commands(), command=list(args), name="mol_props")
+        with mock.patch.object(sys, "argv", ["mol_props", *args]):
+            commands.main()  # the entry point: argument checks, then fire
         code = 0
     except SystemExit as exit_:
         code = exit_.code
@@ -138,3 +140,42 @@ def test_user_errors_are_the_projects_own_and_the_config_libraries():
     assert not commands._is_user_error(ZeroDivisionError(), ())
     assert not commands._is_user_error(RuntimeError(), ())
     assert commands._is_user_error(RuntimeError(), (RuntimeError,))
+
+
+def test_an_option_the_command_does_not_take_stops_it_before_it_runs():
+    """fire would train a whole default run and only then say "Could not consume arg"."""
+    result = run_process("train", "--max_epochs", "3")
+    assert result.returncode == USAGE_ERROR, result.stderr
+    assert result.stderr.startswith("error: mol_props train: unknown option '--max_epochs'")
+    assert "train.max_epochs=" in result.stderr  # the override the user meant
+    assert "data:" not in result.stderr  # nothing ran: no data was even looked at
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["export", "--opset=11"], "export.opset="),
+        (["train", "--hidden-dim", "8"], "model.hidden_dim="),
+        (["download_data", "--force"], "unknown option '--force'"),
+        (["infer", "--smiles", "CCO", "--batch", "8"], "takes --smiles, --input"),
+        (["infer", "--smiles", "CCO", "--smiles=CC"], "more than once"),
+    ],
+)
+def test_check_arguments_refuses(arguments: list[str], message: str):
+    with pytest.raises(UsageError, match=message):
+        check_arguments(arguments)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        [],
+        ["--help"],
+        ["train", "--help"],
+        ["train", "train.max_epochs=3", "~logging.run_name"],
+        ["infer", "--smiles=CCO", "-o", "x.csv", "-i", "y.csv", "infer.batch_size=8"],
+        ["infer", "--smiles", "CCO", "--", "--trace"],  # fire's own flags after "--"
+    ],
+)
+def test_check_arguments_lets_through(arguments: list[str]):
+    check_arguments(arguments)

@@ -16,13 +16,12 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from unittest import mock
 
-import fire
 import numpy as np
 import pytest
 
-from mol_props import infer
-from mol_props.commands import Commands
+from mol_props import commands, infer
 from mol_props.config import compose_config
 from mol_props.infer import (
     InferenceError,
@@ -62,9 +61,10 @@ def config_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
 
 
 def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    """`mol_props ARGS` in this process through fire: (exit code, stdout, stderr)."""
+    """`mol_props ARGS` in this process, via the entry point: (exit code, stdout, stderr)."""
     try:
-        fire.Fire(Commands(), command=list(args), name="mol_props")
+        with mock.patch.object(sys, "argv", ["mol_props", *args]):
+            commands.main()  # the entry point: argument checks, then fire
         code = 0
     except SystemExit as exit_:
         code = exit_.code
@@ -198,6 +198,7 @@ def test_only_invalid_smiles_exits_non_zero(
     ("args", "message"),
     [
         (["--smiles", "CCO", "--smiles", "CCC"], "more than once"),
+        (["--smiles", "CCO", "--bogus", "1"], "unknown option '--bogus'"),
         (["--smiles", "CCO", "c1ccccc1"], "not a config override"),
         ([], "nothing to predict"),
         (["--smiles", "CCO", "--input", "x.csv", "--output", "y.csv"], "not both"),
@@ -212,8 +213,6 @@ def test_unusable_requests_exit_2_with_a_message(
     args: list[str],
     message: str,
 ):
-    # Repeated flags are detected on the real command line.
-    monkeypatch.setattr(sys, "argv", ["mol_props", "infer", *args])
     code, out, err = run_cli(capsys, "infer", *args, *local_overrides(exported_model))
     assert code == 2
     assert message in err
