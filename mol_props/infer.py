@@ -385,6 +385,19 @@ class FileSummary:
         return text
 
 
+def output_delimiter(path: Path) -> str:
+    """The output table's delimiter, from its suffix as for inputs: .csv comma, .tsv tab."""
+    delimiter = TABLE_DELIMITERS.get(Path(path).suffix.lower())
+    if delimiter is None:
+        # Anything else would get comma-separated text under a name that promises another
+        # format (a .json file holding CSV).
+        raise InferenceError(
+            f"--output {path}: unsupported file type {Path(path).suffix or '(none)'}; "
+            "name a .csv or .tsv file"
+        )
+    return delimiter
+
+
 def predict_file(
     predictor: Predictor, input_path: Path, output_path: Path, config: InferConfig
 ) -> FileSummary:
@@ -399,6 +412,7 @@ def predict_file(
         raise InferenceError(f"--output {output_path} would overwrite the input file")
     if output_path.is_dir():
         raise InferenceError(f"--output {output_path} is a directory; name a .csv file")
+    delimiter = output_delimiter(output_path)
     chunks = read_smiles_file(input_path, config.smiles_column, config.chunk_size)
     first = next(chunks)  # fails here, before any output exists, on a bad input file
     output_path.parent.mkdir(parents=True, exist_ok=True)
@@ -417,7 +431,10 @@ def predict_file(
                         file=sys.stderr,
                     )
             writer = csv.DictWriter(
-                handle, fieldnames=first.columns + added, extrasaction="ignore"
+                handle,
+                fieldnames=first.columns + added,
+                delimiter=delimiter,
+                extrasaction="ignore",
             )
             writer.writeheader()
             for chunk, predictions in predict_chunks(predictor, itertools.chain([first], chunks)):
@@ -592,6 +609,8 @@ def run(
         raise InferenceError("--input needs --output FILE.csv")
     if smiles and output_path is not None:
         raise InferenceError("--output goes with --input; --smiles prints JSON lines")
+    if output_path is not None:
+        output_delimiter(Path(output_path))  # before the model loads
     if server:
         from mol_props.client import TritonPredictor
 

@@ -358,6 +358,39 @@ def test_output_may_not_overwrite_the_input(
     assert source.read_text().splitlines() == ["smiles", "CCO"]
 
 
+def test_output_format_follows_its_suffix(
+    exported_model: ExportedModel, capsys: pytest.CaptureFixture, tmp_path: Path
+):
+    """.tsv is written tab-separated, like a .tsv input is read; a suffix that promises another
+    format is refused before the model loads, instead of getting comma-separated text."""
+    source = write_table(
+        tmp_path / "in.csv", ["smiles", "name"], [["CCO", "ethanol"], ["C1CC", ""]]
+    )
+    output = tmp_path / "preds.tsv"
+    code, _, err = run_cli(
+        capsys, "infer", "--input", str(source), "--output", str(output), *exported_model.overrides
+    )
+    assert code == 0, err
+    with output.open(newline="") as handle:
+        written = list(csv.DictReader(handle, delimiter="\t"))
+    assert [(row["smiles"], row["name"], bool(row["error"])) for row in written] == [
+        ("CCO", "ethanol", False),
+        ("C1CC", "", True),
+    ]
+    for name in ("preds.json", "preds"):
+        code, _, err = run_cli(
+            capsys,
+            "infer",
+            "--input",
+            str(source),
+            "--output",
+            str(tmp_path / name),
+            *exported_model.overrides,
+        )
+        assert code == 2 and "name a .csv or .tsv file" in err
+        assert not (tmp_path / name).exists()
+
+
 def test_reading_streams_in_chunks(tmp_path: Path):
     source = write_table(tmp_path / "in.csv", ["smiles"], [["C" * (i + 1)] for i in range(10)])
     chunks = list(read_smiles_file(source, "smiles", chunk_size=4))
