@@ -235,6 +235,13 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+def infer_file(
+    capsys: pytest.CaptureFixture, source: Path, output: Path, *overrides: str
+) -> tuple[int, str, str]:
+    """`mol_props infer --input SOURCE --output OUTPUT OVERRIDES...` (see run_cli)."""
+    return run_cli(capsys, "infer", "--input", str(source), "--output", str(output), *overrides)
+
+
 def test_csv_file_keeps_every_row_and_column_in_order(
     exported_model: ExportedModel, capsys: pytest.CaptureFixture, tmp_path: Path
 ):
@@ -278,15 +285,7 @@ def test_smi_file_with_names_and_a_header(
     source = tmp_path / "in.smi"
     source.write_text("SMILES Name\nCCO ethanol\nc1ccccc1\tbenzene\nC1CC broken ring\n\n")
     output = tmp_path / "preds.csv"
-    code, _, err = run_cli(
-        capsys,
-        "infer",
-        "--input",
-        str(source),
-        "--output",
-        str(output),
-        *local_overrides(exported_model),
-    )
+    code, _, err = infer_file(capsys, source, output, *local_overrides(exported_model))
     assert code == 0, err
     written = read_rows(output)
     assert [(row["smiles"], row["name"]) for row in written] == [
@@ -378,15 +377,7 @@ def test_output_format_follows_its_suffix(
         ("C1CC", "", True),
     ]
     for name in ("preds.json", "preds"):
-        code, _, err = run_cli(
-            capsys,
-            "infer",
-            "--input",
-            str(source),
-            "--output",
-            str(tmp_path / name),
-            *exported_model.overrides,
-        )
+        code, _, err = infer_file(capsys, source, tmp_path / name, *exported_model.overrides)
         assert code == 2 and "name a .csv or .tsv file" in err
         assert not (tmp_path / name).exists()
 
