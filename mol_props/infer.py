@@ -369,6 +369,18 @@ def predict_smiles(predictor: Predictor, smiles: Sequence[str]) -> list[dict]:
     ]
 
 
+def file_name_hints(records: Sequence[dict]) -> list[str]:
+    """For each failed --smiles value that reads as a file name (molecules.csv), how to predict
+    the file instead: RDKit's "syntax error" alone does not say what went wrong."""
+    suffixes = SMILES_FILE_SUFFIXES | set(TABLE_DELIMITERS)
+    return [
+        f"infer: {record['smiles']!r} looks like a file name, not a SMILES; to predict a file: "
+        f"--input {record['smiles']} --output predictions.csv"
+        for record in records
+        if record["error"] is not None and Path(record["smiles"]).suffix.lower() in suffixes
+    ]
+
+
 @dataclass
 class FileSummary:
     ok: int
@@ -621,6 +633,8 @@ def run(
         records = predict_smiles(predictor, smiles)
         for record in records:
             print(json.dumps(record))
+        for hint in file_name_hints(records):
+            print(hint, file=sys.stderr)
         return 0 if any(record["error"] is None for record in records) else 1
     summary = predict_file(predictor, Path(input_path), Path(output_path), config.infer)
     print(summary.describe(Path(output_path)), file=sys.stderr)

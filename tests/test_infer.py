@@ -194,6 +194,19 @@ def test_only_invalid_smiles_exits_non_zero(
     assert "Traceback" not in err
 
 
+def test_a_file_name_given_as_smiles_gets_a_hint(
+    exported_model: ExportedModel, capsys: pytest.CaptureFixture
+):
+    code, out, err = run_cli(
+        capsys, "infer", "--smiles", "molecules.csv,CCO", *local_overrides(exported_model)
+    )
+    assert code == 0  # CCO was predicted
+    assert [record["error"] is None for record in json_lines(out)] == [False, True]
+    assert "'molecules.csv' looks like a file name" in err
+    assert "--input molecules.csv --output predictions.csv" in err
+    assert "CCO" not in err  # no hint for a molecule that worked
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
