@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,19 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def target_folders(target_names: list[str]) -> list[str]:
+    """A folder name per target: its name with anything but letters, digits, '.', '_' and '-'
+    made '_' ("half-life (h)" -> "half-life_h"), `target_<k>` when nothing is left, and `_<k>`
+    appended while an earlier target has the folder ("a b" and "a_b")."""
+    folders: list[str] = []
+    for k, name in enumerate(target_names):
+        folder = re.sub(r"[^\w.-]+", "_", name).strip("._") or f"target_{k}"
+        while folder in folders:
+            folder = f"{folder}_{k}"
+        folders.append(folder)
+    return folders
 
 
 def learning_curves(history: list[dict[str, float]], metric: str, path: Path) -> Path:

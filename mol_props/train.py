@@ -574,7 +574,7 @@ def _fit(
     if test_loader is not None:
         _, test_values, test_targets = predict(model, test_loader, task, scaling)
         test_metrics = evaluate(test_targets, test_values, task, data.target_names)
-        figure_paths += _evaluation_figures(
+        figure_paths += evaluation_figures(
             test_targets, test_values, task, data.target_names, run_directory
         )
     checkpoint = _save_model(
@@ -599,13 +599,16 @@ def _fit(
     )
 
 
-def _evaluation_figures(
+def evaluation_figures(
     targets: np.ndarray, values: np.ndarray, task: str, target_names: list[str], directory: Path
 ) -> list[Path]:
+    """Test-set figures per target: in `directory` itself for one target, else in a folder
+    named after each target (`plots/<run>/logBB/parity.png`)."""
     paths = []
+    folders = plots.target_folders(target_names)
     for k, name in enumerate(target_names):
         present = ~np.isnan(targets[:, k])
-        target_dir = directory if len(target_names) == 1 else directory / f"target_{k}"
+        target_dir = directory if len(target_names) == 1 else directory / folders[k]
         target_dir.mkdir(exist_ok=True)
         draw = (
             plots.classification_figures if task == "classification" else plots.regression_figures

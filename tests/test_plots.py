@@ -1,0 +1,46 @@
+"""mol_props.plots: figures are written where a user looks for them, one folder per target."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mol_props.plots import target_folders
+from mol_props.train import evaluation_figures
+
+
+def test_target_folders_are_safe_distinct_names():
+    names = ["logBB", "half-life (h)", "a b", "a_b", "..", "target_1", "target_1"]
+    assert target_folders(names) == [
+        "logBB",
+        "half-life_h",
+        "a_b",
+        "a_b_3",
+        "target_4",
+        "target_1",
+        "target_1_6",
+    ]
+
+
+def test_each_target_gets_its_figures_in_a_folder_named_after_it(tmp_path: Path):
+    generator = np.random.default_rng(0)
+    values = generator.normal(size=(40, 2))
+    values[::5, 1] = np.nan  # a target with missing labels: plotted on the labelled rows
+    predictions = values + generator.normal(scale=0.3, size=values.shape)
+    paths = evaluation_figures(values, predictions, "regression", ["logBB", "t½ (h)"], tmp_path)
+    assert sorted(path.relative_to(tmp_path).as_posix() for path in paths) == [
+        "logBB/parity.png",
+        "logBB/residuals.png",
+        "t½_h/parity.png",
+        "t½_h/residuals.png",
+    ]
+    assert all(path.stat().st_size > 0 for path in paths)
+
+
+def test_one_target_writes_into_the_run_folder(tmp_path: Path):
+    labels = np.array([[0.0], [1.0], [1.0], [0.0], [1.0]])
+    probabilities = np.array([[0.2], [0.9], [0.6], [0.4], [0.7]])
+    paths = evaluation_figures(labels, probabilities, "classification", ["BBB+"], tmp_path)
+    assert sorted(path.name for path in paths) == ["calibration.png", "pr.png", "roc.png"]
+    assert {path.parent for path in paths} == {tmp_path}
