@@ -8,14 +8,46 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
 from mol_props.config import Config, compose_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """`mol_props ARGS` in this process, via the entry point: (exit code, stdout, stderr)."""
+    from mol_props import commands
+
+    try:
+        with mock.patch.object(sys, "argv", ["mol_props", *args]):
+            commands.main()  # the entry point: argument checks, then fire
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def run_process(
+    args: list[str], cwd: Path = REPO_ROOT, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m mol_props.commands ARGS` in a new process."""
+    return subprocess.run(
+        [sys.executable, "-m", "mol_props.commands", *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def b3db_rows(count: int, table: str = "B3DB_classification.tsv") -> list[dict[str, str]]:

@@ -2,54 +2,28 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
-from unittest import mock
 
 import pytest
 
 from mol_props import commands
 from mol_props.commands import USAGE_ERROR, check_arguments
 from mol_props.errors import UsageError
-from tests.conftest import REPO_ROOT, workspace_overrides, write_molecule_csv
-
-
-def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
-    """`mol_props ARGS` in this process, through the entry point: (exit code, stderr)."""
-    try:
-        with mock.patch.object(sys, "argv", ["mol_props", *args]):
-            commands.main()  # the entry point: argument checks, then fire
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
+from tests.conftest import run_cli, run_process, workspace_overrides, write_molecule_csv
 
 
 def run_in_workspace(
     capsys: pytest.CaptureFixture, root: Path, command: str, *extra: str
-) -> tuple[int, str]:
+) -> tuple[int, str, str]:
     """`mol_props COMMAND` on 10 real molecules, every path inside `root`."""
     data = write_molecule_csv(root / "molecules.csv", 10)
     return run_cli(capsys, command, *workspace_overrides(root, data), *extra)
 
 
-def run_process(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mol_props.commands", *args],
-        cwd=REPO_ROOT,
-        env=dict(os.environ),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def test_help_lists_every_command():
     """`mol_props --help` is where a new user looks first (fire shows the constructor's help,
     without the commands, when given the class instead of an instance)."""
-    result = run_process("--help")
+    result = run_process(["--help"])
     assert result.returncode == 0, result.stderr
     # fire writes its help to stderr when that is not a terminal.
     listed = (result.stdout + result.stderr).split("COMMANDS", 1)[-1].split()
@@ -66,7 +40,7 @@ def test_help_lists_every_command():
     ],
 )
 def test_a_bad_config_is_one_error_line_without_a_traceback(override: str, named: str):
-    result = run_process("train", override)
+    result = run_process(["train", override])
     assert result.returncode == USAGE_ERROR, result.stderr
     assert result.stderr.startswith("error: ") and named in result.stderr
     assert "Traceback" not in result.stderr
@@ -75,7 +49,7 @@ def test_a_bad_config_is_one_error_line_without_a_traceback(override: str, named
 def test_train_on_a_missing_table_names_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     missing = tmp_path / "missing.csv"
     overrides = workspace_overrides(tmp_path, missing)
-    code, err = run_cli(capsys, "train", *overrides, "train.export_after=false")
+    code, _, err = run_cli(capsys, "train", *overrides, "train.export_after=false")
     assert code == USAGE_ERROR
     assert f"error: data file {missing} is missing" in err
 
@@ -84,7 +58,7 @@ def test_train_checks_the_triton_repository_before_training(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
     # workspace_overrides point serving.triton_repo at an empty directory: not a model repository.
-    code, err = run_in_workspace(capsys, tmp_path, "train")
+    code, _, err = run_in_workspace(capsys, tmp_path, "train")
     assert code == USAGE_ERROR
     assert f"is {tmp_path / 'triton_repo'} the Triton repo?" in err
     assert not (tmp_path / "checkpoints").exists()  # refused before any training
@@ -93,7 +67,7 @@ def test_train_checks_the_triton_repository_before_training(
 def test_export_without_a_checkpoint_says_to_train_first(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
-    code, err = run_in_workspace(capsys, tmp_path, "export")
+    code, _, err = run_in_workspace(capsys, tmp_path, "export")
     assert code == USAGE_ERROR
     assert f"no checkpoint at {tmp_path / 'models' / 'best.ckpt'}" in err
     assert "mol_props train" in err
@@ -104,7 +78,7 @@ def test_download_data_into_an_impossible_directory_is_one_line(
 ):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    code, err = run_cli(capsys, "download_data", f"data.path={blocker / 'raw' / 'table.tsv'}")
+    code, _, err = run_cli(capsys, "download_data", f"data.path={blocker / 'raw' / 'table.tsv'}")
     assert code == USAGE_ERROR
     assert err.startswith("error: ") and str(blocker) in err
 
@@ -144,7 +118,7 @@ def test_user_errors_are_the_projects_own_and_the_config_libraries():
 
 def test_an_option_the_command_does_not_take_stops_it_before_it_runs():
     """fire would train a whole default run and only then say "Could not consume arg"."""
-    result = run_process("train", "--max_epochs", "3")
+    result = run_process(["train", "--max_epochs", "3"])
     assert result.returncode == USAGE_ERROR, result.stderr
     assert result.stderr.startswith("error: mol_props train: unknown option '--max_epochs'")
     assert "train.max_epochs=" in result.stderr  # the override the user meant

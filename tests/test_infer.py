@@ -16,12 +16,11 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
 
-from mol_props import commands, infer
+from mol_props import infer
 from mol_props.config import compose_config
 from mol_props.infer import (
     InferenceError,
@@ -32,7 +31,7 @@ from mol_props.infer import (
     read_smiles_file,
 )
 
-from .conftest import REPO_ROOT, ExportedModel, b3db_rows
+from .conftest import REPO_ROOT, ExportedModel, b3db_rows, run_cli, run_process
 
 # Never imported by `mol_props infer` (DESIGN.md: featurize -> infer stays light).
 HEAVY_MODULES = [
@@ -58,32 +57,6 @@ def config_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     cache = tmp_path_factory.getbasetemp() / "xdg-cache"
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
     return cache
-
-
-def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    """`mol_props ARGS` in this process, via the entry point: (exit code, stdout, stderr)."""
-    try:
-        with mock.patch.object(sys, "argv", ["mol_props", *args]):
-            commands.main()  # the entry point: argument checks, then fire
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def run_process(
-    args: list[str], cwd: Path = REPO_ROOT, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    """`python -m mol_props.commands ARGS` in a new process."""
-    return subprocess.run(
-        [sys.executable, "-m", "mol_props.commands", *args],
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def json_lines(text: str) -> list[dict]:
@@ -222,7 +195,6 @@ def test_a_file_name_given_as_smiles_gets_a_hint(
 def test_unusable_requests_exit_2_with_a_message(
     exported_model: ExportedModel,
     capsys: pytest.CaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
     args: list[str],
     message: str,
 ):
