@@ -63,7 +63,7 @@ CHIRAL_TAGS = {str(value): int(value) for value in Chem.rdchem.ChiralType.values
 FRAGMENT_POLICIES = ("largest", "error", "keep_all")
 _SP2 = int(Chem.rdchem.HybridizationType.SP2)
 _SP3 = int(Chem.rdchem.HybridizationType.SP3)
-_UNKNOWN_HYBRIDIZATION = -1  # in an invariant key: neither SP2 nor SP3, read from the atom
+_OTHER_HYBRIDIZATION = -1  # placeholder until an atom that is neither SP2 nor SP3 is read
 # GetSubstructMatches of a one-atom pattern: every matching atom, however many.
 _EVERY_MATCH = {"uniquify": False, "maxMatches": 1_000_000}
 # An isotope can only be written at the start of a bracket atom: "[13C]", "[2H]".
@@ -323,8 +323,8 @@ class Featurizer:
         atom-by-atom path):
         - ECFP connectivity invariants: one integer per atom from its atomic number, degree, total
           H count, formal charge and ring membership;
-        - hybridization from two SMARTS matches ([^2], [^3]); a molecule with any other is
-          read atom by atom;
+        - hybridization from two SMARTS matches ([^2], [^3]); the few atoms with another one
+          (SP in nitriles and alkynes, S in ions) are read one by one;
         - aromatic: the atom has an aromatic (1.5) bond in the adjacency;
         - chiral tags (only when the SMILES has "@") from the atoms that carry one.
         A molecule with a key not seen before is read atom by atom with `atom_features`, so the
@@ -334,11 +334,16 @@ class Featurizer:
         """
         num_atoms = adjacency.shape[0]
         invariants = rdMolDescriptors.GetConnectivityInvariants(molecule, True)
-        hybridizations = [_UNKNOWN_HYBRIDIZATION] * num_atoms
+        hybridizations = [_OTHER_HYBRIDIZATION] * num_atoms
         for (index,) in molecule.GetSubstructMatches(self._sp3_query, **_EVERY_MATCH):
             hybridizations[index] = _SP3
         for (index,) in molecule.GetSubstructMatches(self._sp2_query, **_EVERY_MATCH):
             hybridizations[index] = _SP2
+        if _OTHER_HYBRIDIZATION in hybridizations:
+            # SP (nitriles, alkynes), S (ions) and the rest: few atoms, read one by one.
+            for index, hybridization in enumerate(hybridizations):
+                if hybridization == _OTHER_HYBRIDIZATION:
+                    hybridizations[index] = int(molecule.GetAtomWithIdx(index).GetHybridization())
         chiral_tags = [0] * num_atoms
         if stereo:
             for atom in molecule.GetAtomsMatchingQuery(self._chiral_query):
@@ -351,9 +356,7 @@ class Featurizer:
             # A key not seen yet: the reference path reads every atom; its rows are kept by key.
             rows = self.atom_features(molecule)  # [n, F]
         for key, row in zip(keys, rows):
-            # A hybridization other than SP2/SP3 is not in the key: such rows are never kept.
-            known_hybridization = key[1] != _UNKNOWN_HYBRIDIZATION
-            if known_hybridization and len(self._rows_by_invariants) < self._MAX_CACHED_ROWS:
+            if len(self._rows_by_invariants) < self._MAX_CACHED_ROWS:
                 kept = row.copy()  # not a view into the array handed to the caller
                 kept.flags.writeable = False
                 self._rows_by_invariants.setdefault(key, kept)

@@ -55,7 +55,7 @@ EDGE_CASES = [
     "F/C=C/F",
     "C1CC[C@H]2CCCC[C@@H]2C1",
     "CC(C)(C)[S@@](=O)N",
-    # Hybridizations other than SP2/SP3, which the invariant-keyed path reads atom by atom.
+    # Hybridizations other than SP2/SP3, which the invariant-keyed path reads from the atom.
     "CC#N",
     "F[P-](F)(F)(F)(F)F",
     "[Na+]",
