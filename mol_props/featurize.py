@@ -32,7 +32,9 @@ from rdkit.Chem.Scaffolds import MurckoScaffold
 from mol_props.config import PreprocessConfig
 from mol_props.errors import ConfigError, MolPropsError
 
-FEATURIZER_VERSION = "1"
+# Part of the feature cache key and of an exported model's metadata: raise it whenever some
+# molecule's features change. 2: ties between salt fragments no longer depend on their order.
+FEATURIZER_VERSION = "2"
 
 # Fast molecule-level descriptors (microseconds each, except where noted), by config name.
 DESCRIPTOR_FUNCTIONS: dict[str, Callable[[Chem.Mol], float]] = {
@@ -271,10 +273,13 @@ class Featurizer:
                 "set preprocess.fragments=largest to keep the largest organic one",
             )
 
-        # Largest organic fragment: carbon-containing first, then by heavy atoms.
-        def rank(fragment: Chem.Mol) -> tuple[bool, int]:
+        # Largest organic fragment: carbon-containing first, then by heavy atoms. Ties go to the
+        # heavier fragment, then by canonical SMILES, so that the order in which a mixture is
+        # written never changes which fragment is kept ("CCN.CCO" and "CCO.CCN" are one mixture).
+        def rank(fragment: Chem.Mol) -> tuple[bool, int, float, str]:
             has_carbon = any(atom.GetAtomicNum() == 6 for atom in fragment.GetAtoms())
-            return has_carbon, fragment.GetNumAtoms()
+            weight = Descriptors.MolWt(fragment)
+            return has_carbon, fragment.GetNumAtoms(), weight, Chem.MolToSmiles(fragment)
 
         return max(fragments, key=rank)
 

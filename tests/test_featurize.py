@@ -9,6 +9,7 @@ so the featurizer's fast paths are checked against something written independent
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import pickle
 
 import numpy as np
@@ -404,6 +405,26 @@ def test_fragments_largest_keeps_the_largest_organic_fragment(preprocess: Prepro
     # Sulfuric acid is larger, but methylamine is the organic fragment.
     chosen = featurizer("OS(=O)(=O)O.CN", with_keys=True)
     assert chosen.canonical_smiles == "CN"
+
+
+@pytest.mark.parametrize(
+    "fragments",
+    [
+        ["CCN", "CCO"],  # same heavy atoms: the heavier one, ethanol
+        ["c1ccccc1", "C1CCCCC1"],  # same heavy atoms: cyclohexane (more hydrogens)
+        ["[Na+]", "[Cl-]"],  # nothing organic: the heavier ion
+        ["CC(=O)[O-]", "C[NH3+]", "OCC(O)CO"],
+    ],
+)
+def test_fragments_largest_does_not_depend_on_their_order(
+    preprocess: PreprocessConfig, fragments: list[str]
+):
+    featurizer = Featurizer(with_settings(preprocess, fragments="largest"))
+    kept = {
+        featurizer(".".join(order), with_keys=True).canonical_smiles
+        for order in itertools.permutations(fragments)
+    }
+    assert len(kept) == 1, kept
 
 
 def test_fragments_error(preprocess: PreprocessConfig):
