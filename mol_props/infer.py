@@ -42,6 +42,7 @@ from mol_props.featurize import (
 
 SMILES_FILE_SUFFIXES = {".smi", ".txt"}
 TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+CSV_FIELD_SIZE_LIMIT = 2**31 - 1  # the largest a C long takes on every platform
 # Chunks queued per worker process: enough to keep each busy while the main process writes, few
 # enough that memory does not grow with the file.
 CHUNKS_IN_FLIGHT_PER_WORKER = 2
@@ -260,6 +261,9 @@ def read_smiles_file(path: Path, smiles_column: str, chunk_size: int) -> Iterato
             f"input {path}: unsupported file type {suffix or '(none)'}; use .csv or .tsv with a "
             "SMILES column, or .smi / .txt with one SMILES per line"
         )
+    # The csv module refuses any field over 128 KiB; one long cell in some other column (notes,
+    # JSON) must not fail the whole file. Raised for this process, as pandas has no such limit.
+    csv.field_size_limit(CSV_FIELD_SIZE_LIMIT)
     # utf-8-sig: spreadsheet programs start CSV files with a byte-order mark.
     with path.open(newline="", encoding="utf-8-sig") as handle:
         try:

@@ -297,6 +297,25 @@ def test_header_only_file_gives_a_header_only_output(
     assert "0 ok, 0 failed" in err
 
 
+def test_a_cell_longer_than_the_csv_modules_limit_fails_nothing(
+    exported_model: ExportedModel, capsys: pytest.CaptureFixture, tmp_path: Path
+):
+    # Python's csv module refuses any field over 128 KiB unless told otherwise; a long note in
+    # another column used to fail the whole file.
+    notes = "x" * 200_000
+    rows = [["CCO", notes], ["c1ccccc1", "short"]]
+    source = write_table(tmp_path / "in.csv", ["smiles", "notes"], rows)
+    output = tmp_path / "preds.csv"
+    code, _, err = infer_file(capsys, source, output, *local_overrides(exported_model))
+    assert code == 0, err
+    written = read_rows(output)
+    assert [[row["smiles"], row["notes"], row["error"]] for row in written] == [
+        ["CCO", notes, ""],
+        ["c1ccccc1", "short", ""],
+    ]
+    assert "2 ok, 0 failed" in err
+
+
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [
