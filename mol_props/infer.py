@@ -390,6 +390,9 @@ class FileSummary:
     ok: int
     failed: int
     reasons: collections.Counter  # failure reason -> molecules
+    # Rows with more cells than the header has columns: those cells cannot be written back.
+    rows_with_extra_cells: int = 0
+    first_row_with_extra_cells: int = 0  # its number among the data rows, from 1
 
     def describe(self, output_path: Path, shown: int = 3) -> str:
         text = f"{self.ok} ok, {self.failed} failed -> {output_path}"
@@ -398,6 +401,12 @@ class FileSummary:
                 f"{count} x {reason}" for reason, count in self.reasons.most_common(shown)
             )
             text += f"\nmost common failures: {common}"
+        if self.rows_with_extra_cells:
+            text += (
+                f"\nwarning: {self.rows_with_extra_cells} rows have more cells than the header "
+                f"(first: data row {self.first_row_with_extra_cells}); the cells beyond the "
+                "header's columns are not in the output"
+            )
         return text
 
 
@@ -490,7 +499,11 @@ def _write_chunk(
             row[column] = "" if math.isnan(value) else f"{value:.6g}"
         error = predictions.errors[i]
         row[error_column] = error or ""
-        writer.writerow(row)
+        writer.writerow(row)  # extrasaction="ignore": skips cells beyond the header, counted here
+        if None in row:  # csv.DictReader files such cells under the key None
+            if not summary.rows_with_extra_cells:
+                summary.first_row_with_extra_cells = summary.ok + summary.failed + 1
+            summary.rows_with_extra_cells += 1
         if error is None:
             summary.ok += 1
         else:

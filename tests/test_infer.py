@@ -297,6 +297,24 @@ def test_header_only_file_gives_a_header_only_output(
     assert "0 ok, 0 failed" in err
 
 
+def test_cells_beyond_the_header_are_reported_not_silently_dropped(
+    exported_model: ExportedModel, capsys: pytest.CaptureFixture, tmp_path: Path
+):
+    source = tmp_path / "in.csv"
+    source.write_text("smiles,id\nCCO,1\nc1ccccc1,2,extra,more\nCC(=O)O\nCCN,4,x\n")
+    output = tmp_path / "preds.csv"
+    code, _, err = infer_file(capsys, source, output, *local_overrides(exported_model))
+    assert code == 0, err
+    written = read_rows(output)
+    assert [(row["smiles"], row["id"]) for row in written] == [
+        ("CCO", "1"),
+        ("c1ccccc1", "2"),
+        ("CC(=O)O", ""),  # a short row: its missing cells stay empty
+        ("CCN", "4"),
+    ]
+    assert "warning: 2 rows have more cells than the header (first: data row 2)" in err
+
+
 def test_a_cell_longer_than_the_csv_modules_limit_fails_nothing(
     exported_model: ExportedModel, capsys: pytest.CaptureFixture, tmp_path: Path
 ):
