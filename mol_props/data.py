@@ -177,7 +177,8 @@ def load_table(config: DataConfig, path: Path) -> MoleculeTable:
         frame = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False)
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
         raise DataError(
-            f"{path} is not a readable {separator!r}-separated UTF-8 text table ({error}); "
+            f"{path} is not a readable {separator!r}-separated UTF-8 text table "
+            f"({str(error).strip()}); "
             "data=csv reads .csv and .tsv files (data.separator sets another separator)"
         ) from None
     required = [config.smiles_column, *config.target_columns]

@@ -185,6 +185,16 @@ def test_load_table_refuses_what_is_not_a_text_table(
         load_table(csv_config(base_config, path).data, path)
 
 
+def test_a_ragged_table_is_refused_with_the_line_on_one_line(tmp_path: Path, base_config: Config):
+    path = tmp_path / "ragged.csv"
+    path.write_text("smiles,label\nCCO,1\nCCN,0,extra\n")
+    with pytest.raises(DataError) as caught:
+        load_table(csv_config(base_config, path).data, path)
+    # pandas ends its own message with a newline, which split the error in two.
+    assert "Expected 2 fields in line 3, saw 3)" in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
 # ----------------------------------------------------------------------------- duplicates
 
 
