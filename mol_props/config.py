@@ -40,6 +40,7 @@ class DataConfig:
     source: str = MISSING  # b3db: fetched by download_data(); csv: a user's own table
     path: str = MISSING
     separator: str | None = MISSING  # None: tab for .tsv, comma otherwise
+    encoding: str = MISSING  # of the table's text (utf-8; cp1252 for some spreadsheet exports)
     smiles_column: str = MISSING
     target_columns: list[str] = MISSING
     # What predictions are called in outputs; None: the target column names.
@@ -160,6 +161,7 @@ class InferConfig:
     num_threads: int = MISSING  # ONNX Runtime intra-op threads; 0 = its default
     num_workers: int = MISSING  # processes for --input files; 0 = all cores, 1 = none
     smiles_column: str = MISSING
+    encoding: str = MISSING  # of --input files; outputs are always UTF-8
     progress: bool = MISSING
     server_model_name: str = MISSING
     server_timeout_s: float = MISSING

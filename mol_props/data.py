@@ -174,10 +174,23 @@ def load_table(config: DataConfig, path: Path) -> MoleculeTable:
 
     separator = _separator(config, path)
     try:
-        frame = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False)
-    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        frame = pd.read_csv(
+            path, sep=separator, dtype=str, keep_default_na=False, encoding=config.encoding
+        )
+    except LookupError:
+        raise ConfigError(
+            f"data.encoding={config.encoding}: not a text encoding Python knows "
+            "(e.g. utf-8, cp1252, latin-1)"
+        ) from None
+    except UnicodeDecodeError as error:
         raise DataError(
-            f"{path} is not a readable {separator!r}-separated UTF-8 text table "
+            f"{path} is not {config.encoding} text (it holds the byte "
+            f"{error.object[error.start]:#04x}); save it as UTF-8, or name its encoding, "
+            "e.g. data.encoding=cp1252"
+        ) from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise DataError(
+            f"{path} is not a readable {separator!r}-separated text table "
             f"({str(error).strip()}); "
             "data=csv reads .csv and .tsv files (data.separator sets another separator)"
         ) from None

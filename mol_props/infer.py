@@ -11,6 +11,7 @@ import. tests/test_infer.py runs it in a subprocess and checks torch was never i
 
 from __future__ import annotations
 
+import codecs
 import collections
 import concurrent.futures
 import csv
@@ -246,7 +247,9 @@ def _find_column(columns: Sequence[str], wanted: str) -> str | None:
     return matches[0] if len(matches) == 1 else None
 
 
-def read_smiles_file(path: Path, smiles_column: str, chunk_size: int) -> Iterator[InputChunk]:
+def read_smiles_file(
+    path: Path, smiles_column: str, chunk_size: int, encoding: str = "utf-8"
+) -> Iterator[InputChunk]:
     """Rows of a .csv/.tsv (with a SMILES column) or .smi/.txt (one SMILES per line, optionally
     followed by a name), `chunk_size` rows at a time so memory stays bounded. An input without
     rows still yields one empty chunk, so the output gets its header."""
@@ -264,12 +267,30 @@ def read_smiles_file(path: Path, smiles_column: str, chunk_size: int) -> Iterato
     # The csv module refuses any field over 128 KiB; one long cell in some other column (notes,
     # JSON) must not fail the whole file. Raised for this process, as pandas has no such limit.
     csv.field_size_limit(CSV_FIELD_SIZE_LIMIT)
-    # utf-8-sig: spreadsheet programs start CSV files with a byte-order mark.
-    with path.open(newline="", encoding="utf-8-sig") as handle:
+    with path.open(newline="", encoding=_text_encoding(encoding)) as handle:
         try:
             yield from _read_chunks(path, handle, smiles_column, chunk_size)
-        except (UnicodeDecodeError, csv.Error) as error:
+        except UnicodeDecodeError as error:
+            raise InferenceError(
+                f"cannot read {path}: it is not {encoding} text (it holds the byte "
+                f"{error.object[error.start]:#04x}); save it as UTF-8, or name its encoding, "
+                "e.g. infer.encoding=cp1252"
+            ) from error
+        except csv.Error as error:
             raise InferenceError(f"cannot read {path} as {suffix[1:]} text: {error}") from error
+
+
+def _text_encoding(encoding: str) -> str:
+    """The codec that reads `encoding` (infer.encoding); for UTF-8, one that also skips the
+    byte-order mark spreadsheet programs start their CSV files with."""
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        raise InferenceError(
+            f"infer.encoding={encoding}: not a text encoding Python knows (e.g. utf-8, cp1252, "
+            "latin-1)"
+        ) from None
+    return "utf-8-sig" if name == "utf-8" else name
 
 
 def _read_chunks(
@@ -438,7 +459,9 @@ def predict_file(
     if output_path.is_dir():
         raise InferenceError(f"--output {output_path} is a directory; name a .csv file")
     delimiter = output_delimiter(output_path)
-    chunks = read_smiles_file(input_path, config.smiles_column, config.chunk_size)
+    chunks = read_smiles_file(
+        input_path, config.smiles_column, config.chunk_size, config.encoding
+    )
     first = next(chunks)  # fails here, before any output exists, on a bad input file
     output_path.parent.mkdir(parents=True, exist_ok=True)
     partial = output_path.with_name(f".{output_path.name}.partial")

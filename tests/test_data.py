@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
+import re
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -33,7 +34,7 @@ from mol_props.data import (
     scaffold_split,
     split_indices,
 )
-from mol_props.errors import DataError
+from mol_props.errors import ConfigError, DataError
 from mol_props.featurize import Featurizer, MoleculeGraph
 from tests.conftest import b3db_rows, workspace_overrides, write_molecule_csv
 
@@ -175,14 +176,32 @@ def test_load_table_suggests_the_separator_of_a_one_column_table(
     assert table.smiles == ["CCO", "CCN"]
 
 
-@pytest.mark.parametrize("content", [b"\x89ONNX\xab\xff binary", b""])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\x89ONNX\xab\xff binary", "is not utf-8 text (it holds the byte 0x89)"),
+        (b"", "is not a readable ','-separated text table"),
+    ],
+)
 def test_load_table_refuses_what_is_not_a_text_table(
-    tmp_path: Path, base_config: Config, content: bytes
+    tmp_path: Path, base_config: Config, content: bytes, message: str
 ):
     path = tmp_path / "model.csv"
     path.write_bytes(content)
-    with pytest.raises(DataError, match="is not a readable ','-separated UTF-8 text table"):
+    with pytest.raises(DataError, match=re.escape(message)):
         load_table(csv_config(base_config, path).data, path)
+
+
+def test_load_table_reads_the_configured_encoding(tmp_path: Path, base_config: Config):
+    path = tmp_path / "excel.csv"
+    path.write_bytes("smiles,label,name\nCCO,1,\u00e9thanol\nCCN,0,amine\n".encode("cp1252"))
+    with pytest.raises(DataError, match="save it as UTF-8, or name its encoding"):
+        load_table(csv_config(base_config, path).data, path)
+    cp1252 = csv_config(base_config, path, encoding="cp1252")
+    assert load_table(cp1252.data, path).smiles == ["CCO", "CCN"]
+    unknown = csv_config(base_config, path, encoding="no-such-codec")
+    with pytest.raises(ConfigError, match="data.encoding=no-such-codec"):
+        load_table(unknown.data, path)
 
 
 def test_a_ragged_table_is_refused_with_the_line_on_one_line(tmp_path: Path, base_config: Config):

@@ -297,6 +297,30 @@ def test_header_only_file_gives_a_header_only_output(
     assert "0 ok, 0 failed" in err
 
 
+def test_input_encoding_is_configurable_and_output_is_utf8(
+    exported_model: ExportedModel, capsys: pytest.CaptureFixture, tmp_path: Path
+):
+    source = tmp_path / "excel.csv"
+    source.write_bytes("smiles,name\nCCO,\u00e9thanol\n".encode("cp1252"))
+    output = tmp_path / "preds.csv"
+    overrides = local_overrides(exported_model)
+    code, _, err = infer_file(capsys, source, output, *overrides)
+    assert code == 2 and not output.exists()
+    assert "it is not utf-8 text (it holds the byte 0xe9)" in err
+    assert "infer.encoding=cp1252" in err
+    code, _, err = infer_file(capsys, source, output, *overrides, "infer.encoding=cp1252")
+    assert code == 0, err
+    assert output.read_text(encoding="utf-8").splitlines()[1].startswith("CCO,\u00e9thanol,")
+    code, _, err = infer_file(capsys, source, output, *overrides, "infer.encoding=no-such-codec")
+    assert code == 2 and "infer.encoding=no-such-codec: not a text encoding" in err
+    # A UTF-8 byte-order mark, as spreadsheet programs write, is not part of the first column name.
+    marked = tmp_path / "marked.csv"
+    marked.write_text("\ufeffsmiles,name\nCCO,ethanol\n", encoding="utf-8")
+    code, _, err = infer_file(capsys, marked, output, *overrides)
+    assert code == 0, err
+    assert read_rows(output)[0]["smiles"] == "CCO"
+
+
 def test_cells_beyond_the_header_are_reported_not_silently_dropped(
     exported_model: ExportedModel, capsys: pytest.CaptureFixture, tmp_path: Path
 ):
