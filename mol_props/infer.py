@@ -459,9 +459,7 @@ def predict_file(
     if output_path.is_dir():
         raise InferenceError(f"--output {output_path} is a directory; name a .csv file")
     delimiter = output_delimiter(output_path)
-    chunks = read_smiles_file(
-        input_path, config.smiles_column, config.chunk_size, config.encoding
-    )
+    chunks = read_smiles_file(input_path, config.smiles_column, config.chunk_size, config.encoding)
     first = next(chunks)  # fails here, before any output exists, on a bad input file
     output_path.parent.mkdir(parents=True, exist_ok=True)
     partial = output_path.with_name(f".{output_path.name}.partial")
