@@ -246,20 +246,41 @@ AT_LEAST_ONE = (
     ("export", "parity_molecules"),
     ("infer", "batch_size"),
     ("infer", "chunk_size"),
+    ("infer", "server_concurrency"),
+)
+# Counts where 0 has a meaning (all cores, the library's default, off) but a negative has none:
+# -1 workers used to run quietly in one process, a fingerprint of -5 bits quietly turned it off.
+AT_LEAST_ZERO = (
+    ("preprocess", "num_workers"),
+    ("preprocess", "fingerprint", "size"),
+    ("model", "descriptor_hidden_dim"),
+    ("model", "fingerprint_hidden_dim"),
+    ("train", "num_threads"),
+    ("train", "weight_decay"),
+    ("infer", "num_workers"),
+    ("infer", "num_threads"),
 )
 # Probabilities: dropout rates must lie in [0, 1).
 DROPOUT_RATES = (("model", "dropout"), ("model", "fingerprint_dropout"))
 
 
+def _value(config: Config, path: tuple[str, ...]) -> object:
+    node: object = config
+    for name in path:
+        node = getattr(node, name)
+    return node
+
+
 def check_ranges(config: Config) -> None:
-    for group, name in AT_LEAST_ONE:
-        value = getattr(getattr(config, group), name)
-        if value < 1:
-            raise ConfigError(f"{group}.{name}={value}: must be at least 1")
-    for group, name in DROPOUT_RATES:
-        value = getattr(getattr(config, group), name)
-        if not 0.0 <= value < 1.0:
-            raise ConfigError(f"{group}.{name}={value}: a dropout rate must be in [0, 1)")
+    for path in AT_LEAST_ONE:
+        if (value := _value(config, path)) < 1:
+            raise ConfigError(f"{'.'.join(path)}={value}: must be at least 1")
+    for path in AT_LEAST_ZERO:
+        if (value := _value(config, path)) < 0:
+            raise ConfigError(f"{'.'.join(path)}={value}: must be 0 or more")
+    for path in DROPOUT_RATES:
+        if not 0.0 <= (value := _value(config, path)) < 1.0:
+            raise ConfigError(f"{'.'.join(path)}={value}: a dropout rate must be in [0, 1)")
     if not config.train.learning_rate > 0.0:
         raise ConfigError(f"train.learning_rate={config.train.learning_rate}: must be positive")
 

@@ -96,6 +96,12 @@ def test_override_is_applied_and_typed():
             r"model.dropout=1.0: a dropout rate must be in \[0, 1\)",
         ),
         (["train.learning_rate=0"], ConfigError, "train.learning_rate=0.0: must be positive"),
+        (["infer.num_workers=-1"], ConfigError, "infer.num_workers=-1: must be 0 or more"),
+        (
+            ["preprocess.fingerprint.size=-5"],
+            ConfigError,
+            "preprocess.fingerprint.size=-5: must be 0 or more",
+        ),
     ],
 )
 def test_mistakes_fail_loudly(overrides: list[str], error: type[Exception], names: str):
