@@ -219,6 +219,31 @@ CHOICES = {
 }
 
 
+def check_fractions(split: SplitConfig) -> None:
+    fractions = list(split.fractions)
+    if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
+        raise ConfigError(f"data.split.fractions must be 3 numbers summing to 1: {fractions}")
+
+
+def check_targets(data: DataConfig) -> None:
+    """At least one target column, none listed twice; target names, if given, one per column."""
+    columns = list(data.target_columns)
+    if not columns:
+        raise ConfigError(
+            "data.target_columns is empty: name the column(s) to learn, e.g. "
+            "data.target_columns=[label]"
+        )
+    for option, names in (("target_columns", columns), ("target_names", data.target_names)):
+        repeated = sorted({name for name in names or [] if list(names).count(name) > 1})
+        if repeated:
+            raise ConfigError(f"data.{option}={list(names)}: {repeated} listed more than once")
+    if data.target_names is not None and len(data.target_names) != len(columns):
+        raise ConfigError(
+            f"data.target_names={list(data.target_names)}: one name per target column "
+            f"(data.target_columns={columns})"
+        )
+
+
 def check_choices(config: Config) -> None:
     for (group, name), allowed in CHOICES.items():
         value = getattr(getattr(config, group), name)
@@ -296,6 +321,8 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
     config = OmegaConf.to_object(merged)
     check_choices(config)
     check_ranges(config)
+    check_targets(config.data)
+    check_fractions(config.data.split)
     return config
 
 

@@ -27,7 +27,7 @@ from mol_props.artifacts import (
     md5_of,
     recorded_md5,
 )
-from mol_props.config import DataConfig, PreprocessConfig, SplitConfig
+from mol_props.config import DataConfig, PreprocessConfig, SplitConfig, check_fractions
 from mol_props.errors import ConfigError, DataError
 from mol_props.featurize import (
     FEATURIZER_VERSION,
@@ -490,11 +490,7 @@ def split_indices(
     config: SplitConfig, scaffolds: Sequence[str], column_labels: Sequence[str] | None
 ) -> dict[str, np.ndarray]:
     """{"train": idx, "val": idx, "test": idx} over the deduplicated molecules."""
-    fractions = list(config.fractions)
-    if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
-        raise ConfigError(
-            f"data.split.fractions must be 3 numbers summing to 1: {config.fractions}"
-        )
+    check_fractions(config)  # also checked when the config is composed; this takes any config
     if config.kind == "scaffold":
         assignment = scaffold_split(scaffolds, config.fractions, config.seed)
     elif config.kind == "random":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 # The metric that picks the best epoch and stops early, and whether higher is better.
@@ -79,7 +81,9 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dic
     precision_denominator = true_positive + false_positive
     recall_denominator = true_positive + false_negative
     f1_denominator = 2 * true_positive + false_positive + false_negative
-    mcc_denominator = np.sqrt(
+    # math.sqrt, not np.sqrt: a numpy scalar in the metrics cannot be read back from a checkpoint
+    # that torch.load opens with weights_only=True (a two-target run failed at export).
+    mcc_denominator = math.sqrt(
         precision_denominator
         * recall_denominator
         * (true_negative + false_positive)

@@ -63,6 +63,20 @@ def test_evaluate_skips_missing_labels_and_averages_defined_targets_quietly():
     assert np.isnan(only_one_class["roc_auc"])
 
 
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_every_metric_is_a_python_float(task: str):
+    # A numpy scalar among the metrics saved in a checkpoint made torch.load(weights_only=True)
+    # refuse the file: a two-target classification run trained, then failed to export.
+    targets = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
+    predictions = np.array([[0.9, 0.2], [0.2, 0.4], [0.7, 0.8], [0.4, 0.3]])
+    for names in (["a"], ["a", "b"]):
+        width = len(names)
+        results = evaluate(targets[:, :width], predictions[:, :width], task, names)
+        assert {name: type(value) for name, value in results.items()} == {
+            name: float for name in results
+        }
+
+
 def test_curves_merge_ties_like_scikit_learn():
     generator = np.random.default_rng(4)
     labels = generator.integers(0, 2, size=300).astype(np.float64)

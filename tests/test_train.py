@@ -371,3 +371,32 @@ def test_regression_targets_are_standardized_and_restored(tmp_path):
     assert {"rmse", "mae", "r2"} <= set(result.test_metrics)
     assert (result.run_directory / "parity.png").is_file()
     assert (result.run_directory / "residuals.png").is_file()
+
+
+def test_two_classification_targets_with_missing_labels_train_and_export(tmp_path):
+    # Multi-target classification end to end; the checkpoint's metrics must be plain floats for
+    # export's torch.load(weights_only=True) (tests/test_metrics.py checks their types).
+    from tests.conftest import b3db_rows
+
+    shutil.copytree(REPO_ROOT / "triton_repo", tmp_path / "triton_repo")  # export fills a copy
+    rows = b3db_rows(150)
+    median_length = sorted(len(row["SMILES"]) for row in rows)[len(rows) // 2]
+    lines = ["smiles,bbb,large"]
+    for i, row in enumerate(rows):
+        label = 1 if row["BBB+/BBB-"] == "BBB+" else 0
+        large = "yes" if len(row["SMILES"]) > median_length else "no"  # text labels
+        lines.append(f"{row['SMILES']},{label},{'' if i % 5 == 0 else large}")  # some missing
+    data_path = tmp_path / "two_targets.csv"
+    data_path.write_text("\n".join(lines) + "\n")
+    config = _config(
+        tmp_path,
+        data_path,
+        "data.target_columns=[bbb,large]",
+        "++data.label_map={yes: 1, no: 0}",
+        "train.max_epochs=2",
+    )
+    result = train.run(config)
+    assert {"bbb/roc_auc", "large/roc_auc", "roc_auc"} <= set(result.test_metrics)
+    exported = export.run(config)
+    assert exported.max_difference <= 1e-4
+    assert ModelMetadata.load(exported.metadata_path).targets == ["bbb", "large"]
