@@ -93,17 +93,22 @@ def export_onnx(
         batch_axes["adjacency"].update({1: "atoms", 2: "atoms"})
         batch_axes["atom_mask"][1] = "atoms"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        torch.onnx.export(
-            model,
-            tuple(torch.from_numpy(inputs[name]) for name in INPUT_NAMES),
-            str(path),
-            input_names=INPUT_NAMES,
-            output_names=[OUTPUT_NAME],
-            dynamic_axes=batch_axes,
-            opset_version=opset,
-            dynamo=exporter == "dynamo",
-        )
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                model,
+                tuple(torch.from_numpy(inputs[name]) for name in INPUT_NAMES),
+                str(path),
+                input_names=INPUT_NAMES,
+                output_names=[OUTPUT_NAME],
+                dynamic_axes=batch_axes,
+                opset_version=opset,
+                dynamo=exporter == "dynamo",
+            )
+    except RuntimeError as error:
+        if "opset" not in str(error).lower():
+            raise  # anything else is a bug, with its traceback
+        raise ExportError(f"export.opset={opset}: {error} (the default, 17, works)") from None
 
 
 def _shapes(values) -> dict[str, list[int | str]]:

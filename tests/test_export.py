@@ -169,21 +169,35 @@ def test_missing_checkpoint_names_the_training_command(tmp_path: Path):
         load_prediction_model(tmp_path / "best.ckpt")
 
 
-def test_an_opset_that_drops_the_output_shape_is_refused_before_publishing(
-    exported_model: ExportedModel, metadata: ModelMetadata, tmp_path: Path
-):
-    """PyTorch declares the output [batch] at opset 10 (ONNX Runtime still answers [batch, T]);
-    Triton would refuse that model, so export stops and names the setting."""
-    config = compose_config(
+def export_config_with_opset(exported_model: ExportedModel, tmp_path: Path, opset: int):
+    """The exported model's config, exporting at `opset` into `tmp_path`."""
+    return compose_config(
         [
             *exported_model.overrides,
-            "export.opset=10",
+            f"export.opset={opset}",
             f"export.onnx_path={tmp_path / 'model.onnx'}",
             f"export.dynamic_onnx_path={tmp_path / 'model_dynamic_atoms.onnx'}",
             f"export.metadata_path={tmp_path / 'model.json'}",
             f"serving.triton_repo={tmp_path / 'triton_repo'}",
         ]
     )
+
+
+def test_an_opset_that_drops_the_output_shape_is_refused_before_publishing(
+    exported_model: ExportedModel, metadata: ModelMetadata, tmp_path: Path
+):
+    """PyTorch declares the output [batch] at opset 10 (ONNX Runtime still answers [batch, T]);
+    Triton would refuse that model, so export stops and names the setting."""
+    config = export_config_with_opset(exported_model, tmp_path, 10)
     with pytest.raises(ExportError, match=r"declared as \['batch'\].*export.opset=11 or later"):
+        export.run(config, validation_graphs=real_graphs(metadata, 8))
+    assert not (tmp_path / "model.json").exists()
+
+
+def test_an_opset_pytorch_cannot_export_names_the_setting(
+    exported_model: ExportedModel, metadata: ModelMetadata, tmp_path: Path
+):
+    config = export_config_with_opset(exported_model, tmp_path, 99)
+    with pytest.raises(ExportError, match="export.opset=99: .*the default, 17, works"):
         export.run(config, validation_graphs=real_graphs(metadata, 8))
     assert not (tmp_path / "model.json").exists()
