@@ -244,6 +244,16 @@ def check_targets(data: DataConfig) -> None:
         )
 
 
+def check_descriptors(preprocess: PreprocessConfig) -> None:
+    """The model always takes a descriptor input; Triton cannot declare one of width 0."""
+    if not preprocess.descriptors and preprocess.fingerprint.size == 0:
+        raise ConfigError(
+            "preprocess.descriptors is empty (and no fingerprint): the model's descriptor input "
+            "would have width 0, which Triton cannot serve; to train without descriptors keep "
+            "the list and set model.descriptor_hidden_dim=0"
+        )
+
+
 def check_choices(config: Config) -> None:
     for (group, name), allowed in CHOICES.items():
         value = getattr(getattr(config, group), name)
@@ -323,6 +333,7 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
     check_ranges(config)
     check_targets(config.data)
     check_fractions(config.data.split)
+    check_descriptors(config.preprocess)
     return config
 
 

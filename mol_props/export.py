@@ -109,6 +109,28 @@ def export_onnx(
         if "opset" not in str(error).lower():
             raise  # anything else is a bug, with its traceback
         raise ExportError(f"export.opset={opset}: {error} (the default, 17, works)") from None
+    _restore_unread_inputs(path, inputs, batch_axes)
+
+
+def _restore_unread_inputs(
+    path: Path, inputs: dict[str, np.ndarray], axes: dict[str, dict[int, str]]
+) -> None:
+    """PyTorch's exporter drops an input the model never reads (the descriptors, with
+    model.descriptor_hidden_dim=0); Triton's configs and `mol_props infer` feed all four to
+    every model, so such an input is put back, unread (ONNX Runtime and Triton accept that)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    present = {value.name for value in model.graph.input}
+    missing = [name for name in INPUT_NAMES if name not in present]
+    if not missing:
+        return
+    for name in missing:
+        shape = [axes[name].get(i, size) for i, size in enumerate(inputs[name].shape)]
+        model.graph.input.append(
+            onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
+        )
+    onnx.save(model, str(path))
 
 
 def _shapes(values) -> dict[str, list[int | str]]:

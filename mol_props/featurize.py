@@ -192,6 +192,11 @@ class Featurizer:
         self._group_offsets = np.cumsum([0] + [int(table.max()) + 1 for table in self._groups])
         # After the one-hot groups: aromatic, in ring, atomic mass / 100.
         self.atom_feature_size = int(self._group_offsets[-1]) + 3
+        unknown = [name for name in config.descriptors if name not in DESCRIPTOR_FUNCTIONS]
+        if unknown:
+            raise ConfigError(
+                f"preprocess.descriptors: {unknown} are not among {list(DESCRIPTOR_FUNCTIONS)}"
+            )
         self._descriptor_functions = [DESCRIPTOR_FUNCTIONS[name] for name in config.descriptors]
         self._fingerprint = (
             rdFingerprintGenerator.GetMorganGenerator(

@@ -98,6 +98,7 @@ def test_override_is_applied_and_typed():
         (["train.learning_rate=0"], ConfigError, "train.learning_rate=0.0: must be positive"),
         (["infer.num_workers=-1"], ConfigError, "infer.num_workers=-1: must be 0 or more"),
         (["data.target_columns=[]"], ConfigError, "data.target_columns is empty"),
+        (["preprocess.descriptors=[]"], ConfigError, "model.descriptor_hidden_dim=0"),
         (["data.target_columns=[y,y]"], ConfigError, r"\['y'\] listed more than once"),
         (
             ["data.target_columns=[a,b]", "data.target_names=[a]"],

@@ -276,16 +276,18 @@ def test_width_is_len_of_featurizer(preprocess: PreprocessConfig):
         ({"formal_charges": [-9, 0]}, "formal_charges: -9 is outside -8..8"),
         ({"elements": [6, 200]}, "elements: 200 is outside"),
         ({"hybridizations": ["SP3", "SP4"]}, "hybridizations: ['SP4']"),
+        ({"descriptors": ["TPSA", "Bogus"]}, "preprocess.descriptors: ['Bogus'] are not among"),
     ],
 )
 def test_settings_the_featurizer_cannot_honour_are_refused(
     preprocess: PreprocessConfig, changes: dict, message: str
 ):
-    atom_changes = {key: value for key, value in changes.items() if key != "fragments"}
-    fragments = changes.get("fragments", preprocess.fragments)
+    own = {"fragments", "descriptors"}  # preprocess settings; the others are atom settings
+    atom_changes = {key: value for key, value in changes.items() if key not in own}
+    settings = {key: changes.get(key, getattr(preprocess, key)) for key in own}
     atom = dataclasses.replace(preprocess.atom, **atom_changes)
     with pytest.raises(ValueError) as caught:
-        Featurizer(with_settings(preprocess, fragments=fragments, atom=atom))
+        Featurizer(with_settings(preprocess, atom=atom, **settings))
     assert message in str(caught.value)
 
 

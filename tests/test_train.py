@@ -136,6 +136,16 @@ def test_fingerprint_member_trains_and_exports_with_onnx_parity(tmp_path, molecu
     assert metadata.descriptor_size == len(config.preprocess.descriptors) + 64
 
 
+def test_a_model_without_the_descriptor_mlp_exports_every_input(tmp_path, molecules_csv):
+    # The exporter drops inputs the model never reads; serving feeds all four to every model.
+    shutil.copytree(REPO_ROOT / "triton_repo", tmp_path / "triton_repo")  # export fills a copy
+    config = _config(tmp_path, molecules_csv, "model.descriptor_hidden_dim=0")
+    train.run(config)
+    exported = export.run(config)  # checks the inputs of both ONNX files, then parity
+    assert exported.max_difference <= 1e-4
+    assert list(export.onnx_input_shapes(exported.onnx_path)) == export.INPUT_NAMES
+
+
 def test_init_from_copies_all_but_the_output_layers(tmp_path, molecules_csv):
     source = train.run(_config(tmp_path / "source", molecules_csv, "train.max_epochs=1"))
     trained = _weights(source.checkpoint)
