@@ -227,6 +227,18 @@ def infer_file(
     return run_cli(capsys, "infer", "--input", str(source), "--output", str(output), *overrides)
 
 
+def infer_text(
+    capsys: pytest.CaptureFixture, exported_model: ExportedModel, source: Path, text: str
+) -> tuple[list[dict[str, str]], str]:
+    """Write `text` to `source` and predict it into preds.csv beside it, which must succeed:
+    the rows written, and stderr."""
+    source.write_text(text)
+    output = source.with_name("preds.csv")
+    code, _, err = infer_file(capsys, source, output, *local_overrides(exported_model))
+    assert code == 0, err
+    return read_rows(output), err
+
+
 def test_csv_file_keeps_every_row_and_column_in_order(
     exported_model: ExportedModel, capsys: pytest.CaptureFixture, tmp_path: Path
 ):
@@ -267,12 +279,12 @@ def test_csv_file_keeps_every_row_and_column_in_order(
 def test_smi_file_with_names_and_a_header(
     exported_model: ExportedModel, capsys: pytest.CaptureFixture, tmp_path: Path
 ):
-    source = tmp_path / "in.smi"
-    source.write_text("SMILES Name\nCCO ethanol\nc1ccccc1\tbenzene\nC1CC broken ring\n\n")
-    output = tmp_path / "preds.csv"
-    code, _, err = infer_file(capsys, source, output, *local_overrides(exported_model))
-    assert code == 0, err
-    written = read_rows(output)
+    written, err = infer_text(
+        capsys,
+        exported_model,
+        tmp_path / "in.smi",
+        "SMILES Name\nCCO ethanol\nc1ccccc1\tbenzene\nC1CC broken ring\n\n",
+    )
     assert [(row["smiles"], row["name"]) for row in written] == [
         ("CCO", "ethanol"),
         ("c1ccccc1", "benzene"),
@@ -324,12 +336,12 @@ def test_input_encoding_is_configurable_and_output_is_utf8(
 def test_cells_beyond_the_header_are_reported_not_silently_dropped(
     exported_model: ExportedModel, capsys: pytest.CaptureFixture, tmp_path: Path
 ):
-    source = tmp_path / "in.csv"
-    source.write_text("smiles,id\nCCO,1\nc1ccccc1,2,extra,more\nCC(=O)O\nCCN,4,x\n")
-    output = tmp_path / "preds.csv"
-    code, _, err = infer_file(capsys, source, output, *local_overrides(exported_model))
-    assert code == 0, err
-    written = read_rows(output)
+    written, err = infer_text(
+        capsys,
+        exported_model,
+        tmp_path / "in.csv",
+        "smiles,id\nCCO,1\nc1ccccc1,2,extra,more\nCC(=O)O\nCCN,4,x\n",
+    )
     assert [(row["smiles"], row["id"]) for row in written] == [
         ("CCO", "1"),
         ("c1ccccc1", "2"),
