@@ -81,7 +81,17 @@ def dvc_add_and_push(paths: Sequence[Path], settings: DvcConfig) -> list[Path]:
     with repo:
         resolved = [str(Path(path).resolve()) for path in paths]
         repo.add(resolved)
-        repo.push(targets=resolved)
+        try:
+            repo.push(targets=resolved)
+        except Exception as error:  # dvc raises many types; all mean "not pushed"
+            where = f"remote {settings.remote!r}"
+            if settings.remote_url:
+                where += f" at {settings.remote_url}"
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ArtifactError(
+                f"DVC could not push {', '.join(map(str, paths))} to {where} ({reason}); "
+                "check data.dvc.remote and data.dvc.remote_url (remotes are in .dvc/config)"
+            ) from error
     return [dvc_file_for(Path(path)) for path in paths]
 
 

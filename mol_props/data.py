@@ -27,7 +27,7 @@ from mol_props.artifacts import (
     md5_of,
     recorded_md5,
 )
-from mol_props.config import DataConfig, PreprocessConfig, SplitConfig, check_fractions
+from mol_props.config import DataConfig, DvcConfig, PreprocessConfig, SplitConfig, check_fractions
 from mol_props.errors import ConfigError, DataError
 from mol_props.featurize import (
     FEATURIZER_VERSION,
@@ -80,7 +80,9 @@ def _download_from_github(name: str, destination: Path, timeout_s: float = 10.0)
     partial.replace(destination)
 
 
-def download_data(raw_dir: Path = Path("data/raw"), push: bool = True, dvc=None) -> list[Path]:
+def download_data(
+    raw_dir: Path = Path("data/raw"), push: bool = True, dvc: DvcConfig | None = None
+) -> list[Path]:
     """Fetch the B3DB tables from their source into `raw_dir`, verify and push them with DVC.
 
     Source: the authors' package `qc-b3db==1.1.1` (installed with mol_props), else their GitHub
@@ -114,9 +116,13 @@ def download_data(raw_dir: Path = Path("data/raw"), push: bool = True, dvc=None)
         LOGGER.info("data: %s from %s (md5 %s)", destination, origin, actual)
         paths.append(destination)
     if push and dvc is not None and dvc.enabled:
-        dvc_add_and_push(paths, dvc)
-        LOGGER.info("data: pushed %s to DVC remote %r", ", ".join(map(str, paths)), dvc.remote)
+        _push(paths, dvc)
     return paths
+
+
+def _push(paths: list[Path], dvc: DvcConfig) -> None:
+    dvc_add_and_push(paths, dvc)
+    LOGGER.info("data: pushed %s to DVC remote %r", ", ".join(map(str, paths)), dvc.remote)
 
 
 def ensure_data(config: DataConfig) -> Path:
@@ -143,9 +149,15 @@ def ensure_data(config: DataConfig) -> Path:
             "give an existing table with data.path=..."
         )
     LOGGER.info("data: fetching B3DB with download_data()")
-    download_data(path.parent, push=True, dvc=config.dvc)
+    paths = download_data(path.parent, push=False, dvc=config.dvc)
     if not is_intact(path):
         raise ArtifactError(f"{path} is still missing or corrupt after download_data()")
+    if config.dvc.enabled:
+        try:
+            _push(paths, config.dvc)
+        except ArtifactError as error:
+            # The data is here and verified: a remote that cannot take it must not stop a run.
+            LOGGER.warning("data: %s; going on with the downloaded copy", error)
     return path
 
 

@@ -213,3 +213,30 @@ def test_download_data_refuses_a_changed_source(tmp_path: Path, monkeypatch: pyt
     settings = dataclasses.replace(compose_config().data.dvc, enabled=False)
     with pytest.raises(ArtifactError, match="the source changed"):
         data.download_data(raw, push=False, dvc=settings)
+
+
+def test_a_remote_that_cannot_take_the_data_is_named_and_does_not_stop_training(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    isolated_tools: None,
+):
+    classification: DataConfig = compose_config().data
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    origin = make_project(tmp_path / "origin", remote, classification.dvc.remote)
+    monkeypatch.chdir(origin)
+    misnamed = dataclasses.replace(
+        classification, dvc=dataclasses.replace(classification.dvc, remote="nosuch")
+    )
+    # The download_data command: pushing is its job, so the failure is an error that says where.
+    with pytest.raises(ArtifactError, match="to remote 'nosuch'.*check data.dvc.remote"):
+        data.download_data(Path(classification.path).parent, push=True, dvc=misnamed.dvc)
+    # Training: the table is fetched and verified; the push failure is a warning.
+    Path(classification.path).unlink()
+    caplog.set_level(logging.INFO, logger="mol_props.data")
+    assert data.ensure_data(misnamed) == Path(classification.path)
+    assert is_intact(origin / classification.path)
+    assert (
+        "DVC could not push" in caplog.text and "going on with the downloaded copy" in caplog.text
+    )
