@@ -254,6 +254,19 @@ def check_descriptors(preprocess: PreprocessConfig) -> None:
         )
 
 
+def check_ports(serving: ServingConfig) -> None:
+    ports = {
+        "http_port": serving.http_port,
+        "grpc_port": serving.grpc_port,
+        "metrics_port": serving.metrics_port,
+    }
+    for name, port in ports.items():
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"serving.{name}={port}: a port is a number from 1 to 65535")
+    if len(set(ports.values())) < len(ports):
+        raise ConfigError(f"serving: the HTTP, gRPC and metrics ports must differ: {ports}")
+
+
 def check_choices(config: Config) -> None:
     for (group, name), allowed in CHOICES.items():
         value = getattr(getattr(config, group), name)
@@ -334,6 +347,7 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
     check_targets(config.data)
     check_fractions(config.data.split)
     check_descriptors(config.preprocess)
+    check_ports(config.serving)
     return config
 
 

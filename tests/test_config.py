@@ -99,6 +99,8 @@ def test_override_is_applied_and_typed():
         (["infer.num_workers=-1"], ConfigError, "infer.num_workers=-1: must be 0 or more"),
         (["data.target_columns=[]"], ConfigError, "data.target_columns is empty"),
         (["preprocess.descriptors=[]"], ConfigError, "model.descriptor_hidden_dim=0"),
+        (["serving.http_port=70000"], ConfigError, "serving.http_port=70000: a port is"),
+        (["serving.grpc_port=8000"], ConfigError, "ports must differ"),
         (["data.target_columns=[y,y]"], ConfigError, r"\['y'\] listed more than once"),
         (
             ["data.target_columns=[a,b]", "data.target_names=[a]"],
