@@ -233,10 +233,11 @@ def check_targets(data: DataConfig) -> None:
             "data.target_columns is empty: name the column(s) to learn, e.g. "
             "data.target_columns=[label]"
         )
-    for option, names in (("target_columns", columns), ("target_names", data.target_names)):
-        repeated = sorted({name for name in names or [] if list(names).count(name) > 1})
+    given_names = list(data.target_names or [])
+    for option, names in (("target_columns", columns), ("target_names", given_names)):
+        repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
-            raise ConfigError(f"data.{option}={list(names)}: {repeated} listed more than once")
+            raise ConfigError(f"data.{option}={names}: {repeated} listed more than once")
     if data.target_names is not None and len(data.target_names) != len(columns):
         raise ConfigError(
             f"data.target_names={list(data.target_names)}: one name per target column "
