@@ -461,12 +461,17 @@ def predict_file(
     delimiter = output_delimiter(output_path)
     chunks = read_smiles_file(input_path, config.smiles_column, config.chunk_size, config.encoding)
     first = next(chunks)  # fails here, before any output exists, on a bad input file
-    output_path.parent.mkdir(parents=True, exist_ok=True)
     partial = output_path.with_name(f".{output_path.name}.partial")
+    try:
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = partial.open("w", newline="", encoding="utf-8")
+    except OSError as error:
+        # Named after the output the user gave, not the hidden partial file beside it.
+        raise InferenceError(f"cannot write --output {output_path}: {error.strerror}") from None
     summary = FileSummary(0, 0, collections.Counter())
     try:
         with (
-            partial.open("w", newline="", encoding="utf-8") as handle,
+            handle,
             tqdm(desc="infer", unit="mol", disable=not config.progress, file=sys.stderr) as bar,
         ):
             added = output_columns(first.columns, predictor.targets)

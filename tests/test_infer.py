@@ -415,6 +415,18 @@ def test_output_may_not_overwrite_the_input(
     assert source.read_text().splitlines() == ["smiles", "CCO"]
 
 
+def test_an_output_that_cannot_be_written_is_named(
+    exported_model: ExportedModel, capsys: pytest.CaptureFixture, tmp_path: Path
+):
+    source = write_table(tmp_path / "in.csv", ["smiles"], [["CCO"]])
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    output = blocker / "preds.csv"  # a folder that cannot exist: a file has its name
+    code, _, err = infer_file(capsys, source, output, *exported_model.overrides)
+    assert code == 2 and f"cannot write --output {output}:" in err
+    assert "partial" not in err  # the hidden file written first is not the user's concern
+
+
 def test_output_format_follows_its_suffix(
     exported_model: ExportedModel, capsys: pytest.CaptureFixture, tmp_path: Path
 ):
