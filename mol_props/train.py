@@ -181,6 +181,30 @@ def make_scheduler(
     )
 
 
+def schedule_settings(config: TrainConfig, steps_per_epoch: int) -> dict[str, object]:
+    """The settings that fix the learning-rate schedule (with the steps per epoch they imply)."""
+    return {
+        "train.max_epochs": config.max_epochs,
+        "train.scheduler": config.scheduler,
+        "train.learning_rate": config.learning_rate,
+        "train.warmup_fraction": config.warmup_fraction,
+        "steps per epoch (train.batch_size, the data)": steps_per_epoch,
+    }
+
+
+def check_schedule(saved: dict[str, object], wanted: dict[str, object], last_path: Path) -> None:
+    """A resumed run continues the saved schedule; with other settings it would either step past
+    its end (OneCycleLR raises "Tried to step 7 times") or no longer match an uninterrupted run."""
+    changed = {name: value for name, value in saved.items() if wanted.get(name) != value}
+    if changed:
+        saved_with = ", ".join(f"{name}={value}" for name, value in changed.items())
+        raise TrainingError(
+            f"train.resume=true: {last_path} was saved with {saved_with}; the learning-rate "
+            "schedule spans the whole run, so resume with those settings, or start a new run "
+            f"from its weights with train.init_from={last_path.with_name('best.ckpt')}"
+        )
+
+
 def _diverged(what: str, config: TrainConfig) -> TrainingError:
     return TrainingError(
         f"{what}: the training diverged; try a lower train.learning_rate "
@@ -454,6 +478,7 @@ def _fit(
     checkpoint_dir = Path(settings.checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = checkpoint_dir / "last.ckpt", checkpoint_dir / "best.ckpt"
+    schedule = schedule_settings(settings, len(train_loader))
     state = {
         "model": model,
         "optimizer": optimizer,
@@ -463,6 +488,8 @@ def _fit(
         "bad_epochs": 0,
         "history": [],
         "mlflow_run_id": "",
+        # What the learning-rate schedule spans: a resumed run must continue the same one.
+        "schedule": schedule,
     }
     if settings.resume:
         if not last_path.is_file():
@@ -476,7 +503,18 @@ def _fit(
                 f"({len(mismatched)} tensors differ, e.g. {mismatched[:3]}); resume with the "
                 "settings it was saved with, or start a new run without train.resume"
             )
-        fabric.load(last_path, state)
+        state["schedule"] = None
+        # strict=False: a last.ckpt from before schedules were saved is read, leaving None.
+        fabric.load(last_path, state, strict=False)
+        if state["schedule"] is None:
+            LOGGER.warning(
+                "%s does not record its learning-rate schedule (an older mol_props): resume "
+                "it with the train settings it was saved with",
+                last_path,
+            )
+        else:
+            check_schedule(state["schedule"], schedule, last_path)
+        state["schedule"] = schedule
         LOGGER.info("resumed from %s at epoch %d", last_path, state["epoch"])
 
     tracker = RunLogger(config.logging, run_name) if fabric.is_global_zero else None

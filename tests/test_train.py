@@ -184,6 +184,16 @@ def test_init_from_runs_end_to_end(tmp_path, molecules_csv, caplog):
     assert f"from {source.checkpoint}" in caplog.text
 
 
+def test_resume_with_another_schedule_is_a_clear_error(tmp_path, molecules_csv):
+    # "Train it longer": the one-cycle schedule of the saved run ends at its own max_epochs;
+    # resuming past it raised OneCycleLR's "Tried to step 7 times" after the first new epoch.
+    train.run(_config(tmp_path, molecules_csv, "train.max_epochs=2"))
+    with pytest.raises(
+        train.TrainingError, match="saved with train.max_epochs=2.*train.init_from"
+    ):
+        train.run(_config(tmp_path, molecules_csv, "train.max_epochs=4", "train.resume=true"))
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, molecules_csv):
     with pytest.raises(FileNotFoundError, match="last.ckpt"):
         train.run(_config(tmp_path, molecules_csv, "train.resume=true"))
