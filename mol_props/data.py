@@ -28,7 +28,12 @@ from mol_props.artifacts import (
     recorded_md5,
 )
 from mol_props.config import DataConfig, DvcConfig, PreprocessConfig, SplitConfig, check_fractions
-from mol_props.errors import ConfigError, DataError
+from mol_props.errors import (
+    ConfigError,
+    DataError,
+    undecodable_text_message,
+    unknown_encoding_message,
+)
 from mol_props.featurize import (
     FEATURIZER_VERSION,
     FeaturizationError,
@@ -190,16 +195,10 @@ def load_table(config: DataConfig, path: Path) -> MoleculeTable:
             path, sep=separator, dtype=str, keep_default_na=False, encoding=config.encoding
         )
     except LookupError:
-        raise ConfigError(
-            f"data.encoding={config.encoding}: not a text encoding Python knows "
-            "(e.g. utf-8, cp1252, latin-1)"
-        ) from None
+        raise ConfigError(unknown_encoding_message("data.encoding", config.encoding)) from None
     except UnicodeDecodeError as error:
-        raise DataError(
-            f"{path} is not {config.encoding} text (it holds the byte "
-            f"{error.object[error.start]:#04x}); save it as UTF-8, or name its encoding, "
-            "e.g. data.encoding=cp1252"
-        ) from None
+        message = undecodable_text_message(config.encoding, error, "data.encoding")
+        raise DataError(f"{path} {message}") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
         raise DataError(
             f"{path} is not a readable {separator!r}-separated text table "

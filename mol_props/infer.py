@@ -32,7 +32,7 @@ from typing import Protocol
 import numpy as np
 
 from mol_props.config import Config, InferConfig, PreprocessConfig, compose_config, config_dir
-from mol_props.errors import MolPropsError
+from mol_props.errors import MolPropsError, undecodable_text_message, unknown_encoding_message
 from mol_props.featurize import (
     FEATURIZER_VERSION,
     FeaturizationError,
@@ -271,11 +271,8 @@ def read_smiles_file(
         try:
             yield from _read_chunks(path, handle, smiles_column, chunk_size)
         except UnicodeDecodeError as error:
-            raise InferenceError(
-                f"cannot read {path}: it is not {encoding} text (it holds the byte "
-                f"{error.object[error.start]:#04x}); save it as UTF-8, or name its encoding, "
-                "e.g. infer.encoding=cp1252"
-            ) from error
+            message = undecodable_text_message(encoding, error, "infer.encoding")
+            raise InferenceError(f"cannot read {path}: it {message}") from error
         except csv.Error as error:
             raise InferenceError(f"cannot read {path} as {suffix[1:]} text: {error}") from error
 
@@ -286,10 +283,7 @@ def _text_encoding(encoding: str) -> str:
     try:
         name = codecs.lookup(encoding).name
     except LookupError:
-        raise InferenceError(
-            f"infer.encoding={encoding}: not a text encoding Python knows (e.g. utf-8, cp1252, "
-            "latin-1)"
-        ) from None
+        raise InferenceError(unknown_encoding_message("infer.encoding", encoding)) from None
     return "utf-8-sig" if name == "utf-8" else name
 
 
