@@ -205,6 +205,8 @@ def load_table(config: DataConfig, path: Path) -> MoleculeTable:
             f"({str(error).strip()}); "
             "data=csv reads .csv and .tsv files (data.separator sets another separator)"
         ) from None
+    if frame.empty:
+        raise DataError(f"{path} has a header but no data rows: there is nothing to train on")
     required = [config.smiles_column, *config.target_columns]
     if config.split.kind == "column":
         required.append(config.split.column)
@@ -225,7 +227,7 @@ def load_table(config: DataConfig, path: Path) -> MoleculeTable:
         axis=1,
     )  # [rows, T]
     smiles = frame[config.smiles_column].str.strip().tolist()
-    keep = np.array([bool(text) for text in smiles]) & ~np.isnan(targets).all(axis=1)
+    keep = np.array([bool(text) for text in smiles], dtype=bool) & ~np.isnan(targets).all(axis=1)
     dropped = np.flatnonzero(~keep)
     if len(dropped):
         examples = ", ".join(repr(smiles[i]) for i in dropped[:3])

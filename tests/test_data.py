@@ -165,6 +165,13 @@ def test_load_table_names_a_missing_column(tmp_path: Path, base_config: Config):
         load_table(csv_config(base_config, path).data, path)
 
 
+def test_load_table_refuses_a_header_without_rows(tmp_path: Path, base_config: Config):
+    path = tmp_path / "header_only.csv"
+    path.write_text("smiles,label\n")
+    with pytest.raises(DataError, match="has a header but no data rows"):
+        load_table(csv_config(base_config, path).data, path)
+
+
 def test_load_table_suggests_the_separator_of_a_one_column_table(
     tmp_path: Path, base_config: Config
 ):
