@@ -141,6 +141,8 @@ class Commands:
                     file=sys.stderr,
                 )
                 raise SystemExit(130)
+            if not result.is_global_zero:
+                return  # another process of a DDP run: the first exports and reports
             if config.train.export_after:
                 from mol_props import export
 

@@ -60,7 +60,9 @@ class SizeGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
     Each batch is padded to its own largest molecule, so grouping by size cuts the padding (and
     the [N, N] adjacency products) roughly in half on B3DB. Molecules are shuffled, cut into pools
     of `pool_batches` batches, sorted by size within a pool, batched, and the batches shuffled;
-    with several processes each takes every world_size-th batch.
+    with several processes each takes every world_size-th batch, the first batches repeated so
+    that every process gets as many (as torch's DistributedSampler pads): one process stepping
+    once more than another would wait forever for the others' gradients.
     """
 
     def __init__(
@@ -89,7 +91,9 @@ class SizeGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
                 for i in range(0, len(pool), self.batch_size)
             ]
         shuffled = torch.randperm(len(batches), generator=self.generator).tolist()
-        return [batches[i] for i in shuffled][self.rank :: self.world_size]
+        batches = [batches[i] for i in shuffled]
+        batches += batches[: -len(batches) % self.world_size]
+        return batches[self.rank :: self.world_size]
 
     def __iter__(self):
         return iter(self._batches())
@@ -99,7 +103,7 @@ class SizeGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
             math.ceil(min(self.pool, len(self.sizes) - start) / self.batch_size)
             for start in range(0, len(self.sizes), self.pool)
         )
-        return len(range(self.rank, total, self.world_size))
+        return math.ceil(total / self.world_size)
 
 
 def collate(items: list[tuple[MoleculeGraph, np.ndarray]]) -> dict[str, torch.Tensor]:
@@ -245,7 +249,9 @@ def train_epoch(
         scheduler.step()
         total += loss.item() * len(batch["targets"])
         count += len(batch["targets"])
-    return total / max(count, 1)
+    # Each process saw its share of the batches: the epoch's loss is over all of them.
+    sums = fabric.all_reduce(torch.tensor([total, float(count)]), reduce_op="sum")  # [2]
+    return float(sums[0] / sums[1].clamp(min=1))
 
 
 @torch.no_grad()
@@ -334,9 +340,7 @@ def _run_directory(config: Config) -> tuple[str, Path]:
     run_name = config.logging.run_name or (
         f"{config.data.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     )
-    directory = Path(config.logging.plots_dir) / run_name
-    directory.mkdir(parents=True, exist_ok=True)
-    return run_name, directory
+    return run_name, Path(config.logging.plots_dir) / run_name
 
 
 def _attach_log_file(directory: Path) -> logging.Handler:
@@ -353,23 +357,35 @@ class TrainResult:
     val_metrics: dict[str, float]
     run_directory: Path
     epochs_run: int
+    # False in the other processes of a multi-process (DDP) run: only the first exports.
+    is_global_zero: bool = True
 
 
 def run(config: Config) -> TrainResult:
     """The `mol_props train` command."""
     started = time.perf_counter()
     settings = config.train
-    run_name, run_directory = _run_directory(config)
-    log_handler = _attach_log_file(run_directory)
+    fabric = make_fabric(settings)
+    # With strategy=ddp this starts the other processes, each running this same command.
+    fabric.launch()
+    if not fabric.is_global_zero:
+        # The other processes do the same work: one voice on the console, warnings excepted.
+        logging.getLogger("mol_props").setLevel(logging.WARNING)
+    # One run directory for all processes (the name holds the time each process started).
+    run_name, run_directory = fabric.broadcast(_run_directory(config), src=0)
+    run_directory.mkdir(parents=True, exist_ok=True)
+    log_handler = _attach_log_file(run_directory) if fabric.is_global_zero else None
     try:
-        fabric = make_fabric(settings)
-        fabric.launch()
-        data = prepare_data(config.data, config.preprocess, progress=settings.progress)
-        _save_split(data, run_directory)
+        # The first process fetches, featurizes and caches; the others then read the cache.
+        with fabric.rank_zero_first():
+            data = prepare_data(config.data, config.preprocess, progress=settings.progress)
+        if fabric.is_global_zero:
+            _save_split(data, run_directory)
         return _fit(config, fabric, data, run_name, run_directory, started)
     finally:
-        logging.getLogger("mol_props").removeHandler(log_handler)
-        log_handler.close()
+        if log_handler is not None:
+            logging.getLogger("mol_props").removeHandler(log_handler)
+            log_handler.close()
 
 
 def mismatched_tensors(
@@ -634,6 +650,7 @@ def _fit(
         val_metrics=val_metrics,
         run_directory=run_directory,
         epochs_run=state["epoch"],
+        is_global_zero=fabric.is_global_zero,
     )
 
 
@@ -686,4 +703,5 @@ def _save_model(
         temporary = path.with_suffix(".tmp")
         torch.save(payload, temporary)
         shutil.move(temporary, path)
+    fabric.barrier()  # no process returns (and exports) before the model is written
     return path

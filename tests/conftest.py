@@ -37,7 +37,10 @@ def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
 
 
 def run_process(
-    args: list[str], cwd: Path = REPO_ROOT, env: dict[str, str] | None = None
+    args: list[str],
+    cwd: Path = REPO_ROOT,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
 ) -> subprocess.CompletedProcess:
     """`python -m mol_props.commands ARGS` in a new process."""
     return subprocess.run(
@@ -46,7 +49,7 @@ def run_process(
         env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
 
 

@@ -24,7 +24,13 @@ from mol_props.errors import ConfigError
 from mol_props.featurize import Featurizer
 from mol_props.infer import ModelMetadata
 from mol_props.model import MoleculeGNN
-from tests.conftest import REPO_ROOT, TINY_MODEL, workspace_overrides, write_molecule_csv
+from tests.conftest import (
+    REPO_ROOT,
+    TINY_MODEL,
+    run_process,
+    workspace_overrides,
+    write_molecule_csv,
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +77,42 @@ def test_a_few_steps_lower_the_loss(tmp_path, molecules_csv):
     with torch.no_grad():
         after = loss().item()
     assert after < 0.85 * before, (before, after)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_every_process_gets_as_many_batches_and_every_molecule_one(world_size):
+    sizes = np.random.default_rng(0).integers(5, 40, size=200)  # 7 batches: 4 + 3 per pool
+    generator = torch.Generator().manual_seed(0)
+    per_process = []
+    for rank in range(world_size):
+        generator.manual_seed(0)  # every process draws the same order, as in training
+        sampler = train.SizeGroupedBatchSampler(
+            sizes, 32, generator, pool_batches=4, rank=rank, world_size=world_size
+        )
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        per_process.append(batches)
+    # Unequal counts would leave one DDP process waiting for the others' gradients forever.
+    assert len({len(batches) for batches in per_process}) == 1
+    seen = [index for batches in per_process for batch in batches for index in batch]
+    assert set(seen) == set(range(len(sizes)))
+    if world_size == 1:
+        assert sorted(seen) == list(range(len(sizes)))
+
+
+def test_two_process_ddp_run_trains_once_and_exports_once(tmp_path, molecules_csv):
+    # Two CPU processes (gloo), 160 training molecules in 5 batches of 32: an odd count.
+    shutil.copytree(REPO_ROOT / "triton_repo", tmp_path / "triton_repo")  # export fills a copy
+    overrides = workspace_overrides(tmp_path, molecules_csv) + TINY_MODEL
+    settings = ["train.max_epochs=2", "train.accelerator=cpu", "train.devices=2"]
+    process = run_process(
+        ["train", *overrides, *settings, "train.strategy=ddp"], cwd=tmp_path, timeout=400
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert process.stdout.count("done: 2 epochs") == 1, process.stdout
+    assert process.stdout.count("export: parity ONNX Runtime vs PyTorch") == 1, process.stdout
+    assert len(list((tmp_path / "plots").glob("csv-*"))) == 1  # one run directory
+    assert (tmp_path / "models" / "model.onnx").is_file()
 
 
 def test_masked_loss_ignores_missing_targets():
