@@ -35,14 +35,21 @@ def target_folders(target_names: list[str]) -> list[str]:
 def learning_curves(history: list[dict[str, float]], metric: str, path: Path) -> Path:
     """Train/val loss and the monitored validation metric per epoch."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [row["epoch"] for row in history]
     figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_axis.plot(epochs, [row["train_loss"] for row in history], label="train")
-    loss_axis.plot(epochs, [row["val_loss"] for row in history], label="val")
+    # Markers: a run of one epoch is a point, which a bare line would not draw.
+    loss_axis.plot(epochs, [row["train_loss"] for row in history], ".-", label="train")
+    loss_axis.plot(epochs, [row["val_loss"] for row in history], ".-", label="val")
     loss_axis.set(xlabel="epoch", ylabel="loss", title="Loss")
     loss_axis.legend()
-    metric_axis.plot(epochs, [row.get(f"val_{metric}", np.nan) for row in history], color="C2")
+    values = [row.get(f"val_{metric}", np.nan) for row in history]
+    metric_axis.plot(epochs, values, ".-", color="C2")
     metric_axis.set(xlabel="epoch", ylabel=metric, title=f"Validation {metric}")
+    for axis in (loss_axis, metric_axis):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # no epoch 1.2
+        axis.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
