@@ -252,6 +252,14 @@ class Featurizer:
             raise FeaturizationError(
                 smiles, f"SMILES contains whitespace; RDKit would silently read only {words[0]!r}"
             )
+        if not text.isascii():
+            # RDKit skips such characters: "CCOé" would be read as ethanol.
+            position, character = next((i, c) for i, c in enumerate(text) if not c.isascii())
+            raise FeaturizationError(
+                smiles,
+                f"SMILES contains {character!r} (position {position + 1}), not a SMILES "
+                "character; RDKit would silently skip it",
+            )
         molecule = Chem.MolFromSmiles(text)
         if molecule is None:
             raise FeaturizationError(smiles, _parse_failure_reason(text))

@@ -360,6 +360,8 @@ def test_too_many_atoms(preprocess: PreprocessConfig):
         ("   \t\n", "empty SMILES"),
         ("CC O", "whitespace"),
         ("CC\tO", "whitespace"),
+        ("CCO\u00e9", "'\u00e9' (position 4), not a SMILES character"),
+        ("\u00e9CCO", "(position 1)"),
     ],
 )
 def test_refused_with_a_reason(featurizer: Featurizer, smiles: str, reason: str):
@@ -377,6 +379,13 @@ def test_internal_whitespace_is_not_read_as_the_first_word(featurizer: Featurize
     np.testing.assert_array_equal(
         featurizer("  CCO\n").atom_features, featurizer("CCO").atom_features
     )
+
+
+def test_a_non_ascii_character_is_not_skipped(featurizer: Featurizer):
+    # RDKit alone reads "CCO\u00e9" as ethanol and "CC\u00d6" as ethane, without a warning.
+    assert Chem.MolToSmiles(Chem.MolFromSmiles("CCO\u00e9")) == "CCO"
+    assert Chem.MolToSmiles(Chem.MolFromSmiles("CC\u00d6")) == "CC"
+    assert "not a SMILES character" in featurize_or_error(featurizer, "CC\u00d6").reason
 
 
 def test_non_string_input(featurizer: Featurizer):
