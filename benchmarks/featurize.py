@@ -37,6 +37,7 @@ import fire
 import numpy as np
 from rdkit import Chem, rdBase
 
+from mol_props.commands import reported_errors
 from mol_props.config import DataConfig, PreprocessConfig, compose_config
 from mol_props.featurize import FeaturizationError, MoleculeGraph, featurize_parallel
 
@@ -199,4 +200,5 @@ def main(*overrides: str, repeats: int = 3, with_keys: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    with reported_errors():
+        fire.Fire(main)

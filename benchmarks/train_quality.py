@@ -126,8 +126,17 @@ def main(
     pretrain: bool = False,
     extra_finetune: tuple[str, ...] = (),
 ) -> None:
-    metric = MAIN_METRIC[task]
+    """Train once per seed on the benchmark split of `task` (classification | regression) and
+    print each seed's test metrics and wall time, then their mean and std."""
+    if task not in SPLITS:
+        raise SystemExit(f"error: --task={task!r}: choose one of {sorted(SPLITS)}")
     splits = Path(benchmark_dir)
+    if not (splits / SPLITS[task]).is_file():
+        raise SystemExit(
+            f"error: no {SPLITS[task]} in --benchmark_dir={benchmark_dir} (the fixed splits of "
+            "../shared/benchmark/)"
+        )
+    metric = MAIN_METRIC[task]
     results = []
     with tempfile.TemporaryDirectory() as scratch:
         # Export fills a model repository: a scratch copy, not the checkout's triton_repo/.

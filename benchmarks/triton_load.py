@@ -30,7 +30,8 @@ from pathlib import Path
 import fire
 import numpy as np
 
-from mol_props.client import parse_server_url
+from mol_props.client import TritonPredictor, parse_server_url
+from mol_props.commands import reported_errors
 from mol_props.config import compose_config
 from mol_props.serve import TritonServer
 
@@ -310,10 +311,16 @@ def benchmark(
             log_path = Path(serving.work_dir) / "triton_load.log"
             server = stack.enter_context(TritonServer(serving, log_path=log_path))
             http, grpc, server_pid = server.http_url, server.grpc_url, server.process.pid
+        chosen = [
+            (protocol, url)
+            for protocol, url in (("http", http), ("grpc", grpc))
+            if url is not None and protocol in protocols
+        ]
+        for _, url in chosen:
+            # A server that does not answer, or lacks the model, is named before any scenario.
+            TritonPredictor(url, config).close()
         results = []
-        for protocol, url in (("http", http), ("grpc", grpc)):
-            if url is None or protocol not in protocols:
-                continue
+        for protocol, url in chosen:
             for size in sizes:
                 count = single_requests if size == 1 else batch_requests
                 scenario = Scenario(protocol, size, clients, count)
@@ -329,7 +336,8 @@ def benchmark(
 
 
 def main() -> None:
-    fire.Fire(benchmark)
+    with reported_errors():
+        fire.Fire(benchmark)
 
 
 if __name__ == "__main__":

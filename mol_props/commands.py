@@ -44,7 +44,7 @@ def _is_user_error(error: Exception, also: tuple[type[Exception], ...]) -> bool:
 
 
 @contextlib.contextmanager
-def _reported_errors(*also: type[Exception]) -> Iterator[None]:
+def reported_errors(*also: type[Exception]) -> Iterator[None]:
     """Turn an error a user can act on into `error: MESSAGE` on stderr and exit status 2."""
     try:
         yield
@@ -122,7 +122,7 @@ class Commands:
 
     def train(self, *overrides: str) -> None:
         """Train the GNN (fetching data with DVC), log to MLflow, export ONNX at the end."""
-        with _reported_errors():
+        with reported_errors():
             config = _setup(overrides)
             if config.train.export_after:
                 # Checked now rather than by the export after minutes of training.
@@ -155,7 +155,7 @@ class Commands:
 
     def export(self, *overrides: str) -> None:
         """Export models/best.ckpt to ONNX (+ parity check) and fill triton_repo/."""
-        with _reported_errors():
+        with reported_errors():
             config = _setup(overrides)
             from mol_props import export
 
@@ -190,7 +190,7 @@ class Commands:
         try:
             # RuntimeError too: a file run whose worker process died (RDKit crashed, the OOM
             # killer) ends with BrokenProcessPool, which says so.
-            with _reported_errors(RuntimeError):
+            with reported_errors(RuntimeError):
                 _check_infer_overrides(overrides)
                 # Cached on disk by the content of configs/: composing costs half a cold start.
                 config = infer.compose_config_cached(overrides)
@@ -209,7 +209,7 @@ class Commands:
 
     def serve(self, *overrides: str) -> None:
         """Start a Triton Inference Server on triton_repo/ (Ctrl-C stops it)."""
-        with _reported_errors():
+        with reported_errors():
             config = _setup(overrides)
             from mol_props import serve
 
@@ -218,7 +218,7 @@ class Commands:
 
     def download_data(self, *overrides: str) -> None:
         """Fetch B3DB from its source, verify its DVC hash and push it to the DVC remote."""
-        with _reported_errors():
+        with reported_errors():
             config = _setup(overrides)
             from mol_props.data import download_data
 
@@ -228,7 +228,7 @@ class Commands:
 
 def main() -> None:
     arguments = sys.argv[1:]
-    with _reported_errors():
+    with reported_errors():
         check_arguments(arguments)
     fire.Fire(Commands(), command=arguments, name="mol_props")
 
