@@ -306,11 +306,23 @@ AT_LEAST_ZERO = (
     ("model", "fingerprint_hidden_dim"),
     ("train", "num_threads"),
     ("train", "weight_decay"),
+    ("train", "gradient_clip"),  # 0 = no clipping (as in Lightning's Trainer)
     ("infer", "num_workers"),
     ("infer", "num_threads"),
 )
 # Probabilities: dropout rates must lie in [0, 1).
 DROPOUT_RATES = (("model", "dropout"), ("model", "fingerprint_dropout"))
+# Scales, tolerances and timeouts: 0 or less has no meaning (a scale of 0 divides by zero).
+POSITIVE = (
+    ("model", "sum_pooling_scale"),
+    ("train", "learning_rate"),
+    ("logging", "connect_timeout_s"),
+    ("export", "parity_tolerance"),
+    ("infer", "server_timeout_s"),
+    ("serving", "ready_timeout_s"),
+    ("serving", "stop_timeout_s"),
+    ("serving", "exit_timeout_s"),
+)
 
 
 def _value(config: Config, path: tuple[str, ...]) -> object:
@@ -330,8 +342,15 @@ def check_ranges(config: Config) -> None:
     for path in DROPOUT_RATES:
         if not 0.0 <= (value := _value(config, path)) < 1.0:
             raise ConfigError(f"{'.'.join(path)}={value}: a dropout rate must be in [0, 1)")
-    if not config.train.learning_rate > 0.0:
-        raise ConfigError(f"train.learning_rate={config.train.learning_rate}: must be positive")
+    for path in POSITIVE:
+        if not (value := _value(config, path)) > 0.0:
+            raise ConfigError(f"{'.'.join(path)}={value}: must be positive")
+    # Was quietly cut to 0.5: a share of the schedule's steps.
+    if not 0.0 <= (value := config.train.warmup_fraction) < 1.0:
+        raise ConfigError(f"train.warmup_fraction={value}: a fraction of the steps, in [0, 1)")
+    # The averaged output is (1 - weight) * GNN + weight * fingerprint member.
+    if not 0.0 <= (value := config.model.fingerprint_weight) <= 1.0:
+        raise ConfigError(f"model.fingerprint_weight={value}: a share, in [0, 1]")
 
 
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -172,7 +172,7 @@ def make_scheduler(
     total_steps = max(config.max_epochs * steps_per_epoch, 1)
     if config.scheduler == "onecycle" and total_steps >= 4:
         # OneCycleLR needs at least 2 warm-up steps and 2 after; tiny runs (tests) get them.
-        warmup = min(max(config.warmup_fraction, 2.0 / total_steps), 0.5)
+        warmup = min(max(config.warmup_fraction, 2.0 / total_steps), 1.0 - 2.0 / total_steps)
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=config.learning_rate, total_steps=total_steps, pct_start=warmup
         )
@@ -240,11 +240,12 @@ def train_epoch(
             raise _diverged(f"the training loss became {loss.item()}", config)
         optimizer.zero_grad(set_to_none=True)
         fabric.backward(loss)
-        norm = fabric.clip_gradients(
-            model, optimizer, max_norm=config.gradient_clip, error_if_nonfinite=False
-        )
-        if not torch.isfinite(norm):
-            raise _diverged(f"the gradient norm became {norm.item()}", config)
+        if config.gradient_clip > 0:  # 0 = no clipping (max_norm=0 would zero every gradient)
+            norm = fabric.clip_gradients(
+                model, optimizer, max_norm=config.gradient_clip, error_if_nonfinite=False
+            )
+            if not torch.isfinite(norm):
+                raise _diverged(f"the gradient norm became {norm.item()}", config)
         optimizer.step()
         scheduler.step()
         total += loss.item() * len(batch["targets"])

@@ -117,6 +117,12 @@ def test_override_is_applied_and_typed():
             ConfigError,
             "preprocess.fingerprint.size=-5: must be 0 or more",
         ),
+        (["train.gradient_clip=-1"], ConfigError, "train.gradient_clip=-1.0: must be 0 or more"),
+        (["train.warmup_fraction=1.5"], ConfigError, r"warmup_fraction=1.5: .* in \[0, 1\)"),
+        (["model.fingerprint_weight=2"], ConfigError, r"fingerprint_weight=2.0: a share"),
+        (["model.sum_pooling_scale=0"], ConfigError, "sum_pooling_scale=0.0: must be positive"),
+        (["export.parity_tolerance=0"], ConfigError, "parity_tolerance=0.0: must be positive"),
+        (["infer.server_timeout_s=-1"], ConfigError, "server_timeout_s=-1.0: must be positive"),
     ],
 )
 def test_mistakes_fail_loudly(overrides: list[str], error: type[Exception], names: str):

@@ -115,6 +115,35 @@ def test_two_process_ddp_run_trains_once_and_exports_once(tmp_path, molecules_cs
     assert (tmp_path / "models" / "model.onnx").is_file()
 
 
+@pytest.mark.parametrize("gradient_clip", [0.0, 1.0])
+def test_an_epoch_moves_the_weights_with_or_without_clipping(
+    tmp_path, molecules_csv, gradient_clip
+):
+    # gradient_clip=0 means no clipping; clipping to a norm of 0 would zero every gradient.
+    config = _config(tmp_path, molecules_csv, f"train.gradient_clip={gradient_clip}")
+    data = prepare_data(config.data, config.preprocess, progress=False)
+    featurizer = Featurizer(config.preprocess)
+    torch.manual_seed(0)
+    network = MoleculeGNN(
+        featurizer.atom_feature_size, featurizer.descriptor_size, 1, config.model
+    )
+    before = [parameter.detach().clone() for parameter in network.parameters()]
+    fabric = train.make_fabric(config.train)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3, weight_decay=0.0)
+    model, optimizer = fabric.setup(network, optimizer)
+    model.mark_forward_method("member_outputs")
+    loader = train._eval_loader(
+        train.MoleculeDataset(data.graphs, data.targets.astype(np.float32)), 32
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    train.train_epoch(fabric, model, optimizer, scheduler, loader, config.train, "classification")
+    moved = max(
+        (after.detach() - start).abs().max().item()
+        for after, start in zip(network.parameters(), before)
+    )
+    assert moved > 1e-4  # Adam steps are ~lr = 1e-3 per parameter
+
+
 def test_masked_loss_ignores_missing_targets():
     outputs = torch.tensor([[0.3, 5.0], [-1.0, 2.0]])
     targets = torch.tensor([[1.0, float("nan")], [0.0, float("nan")]])
