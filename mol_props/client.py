@@ -14,6 +14,7 @@ local model files.
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -28,6 +29,9 @@ from mol_props.infer import InferenceError, Predictions
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
 INPUT_NAME = "smiles"
 OUTPUT_NAMES = ("prediction", "valid", "error")
+# A server that is down or dies mid-run: refused or reset sockets (OSError), or an HTTP response
+# cut off (geventhttpclient's HTTPConnectionClosed is an http.client.HTTPException).
+CONNECTION_ERRORS = (OSError, http.client.HTTPException)
 
 
 def parse_server_url(url: str) -> tuple[str, str]:
@@ -46,8 +50,14 @@ class _HttpTransport:
     """tritonclient.http: greenlet-based; `concurrency` connections for requests in flight."""
 
     def __init__(self, address: str, timeout: float, concurrency: int) -> None:
+        import gevent
         import tritonclient.http as module
 
+        # A request's connection error reaches TritonPredictor._call through get_result, which
+        # reports it in one line; without this, gevent also prints each failed request's
+        # traceback to stderr (two full tracebacks when a server dies mid-file).
+        hub = gevent.get_hub()
+        hub.NOT_ERROR = (*hub.NOT_ERROR, *CONNECTION_ERRORS)
         self.module = module
         self.client = module.InferenceServerClient(
             address,
@@ -189,9 +199,9 @@ class TritonPredictor:
             raise InferenceError(
                 f"Triton at {self.url} could not {action} ({self.model_name}): {error.message()}"
             ) from error
-        except OSError as error:
+        except CONNECTION_ERRORS as error:
             raise InferenceError(
-                f"no Triton server answers at {self.url} ({error}); "
+                f"no Triton server answers at {self.url} ({type(error).__name__}: {error}); "
                 "start one with `mol_props serve`"
             ) from error
 

@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from mol_props.client import TritonPredictor
+from mol_props.infer import InferenceError
 from mol_props.serve import SHARED_MEMORY_DIR, SHM_PREFIX_ROOT, ServeError, TritonServer, serve
 from mol_props.triton_repo import rewrite_config
 
@@ -110,6 +111,29 @@ def test_serve_answers_then_stops_cleanly(filled_repository: Path, tmp_path: Pat
     # Triton itself released everything: serve had no leftovers to clean up.
     assert "removed shared memory" not in printed, output.tail()
     assert "Exit timeout expired" not in printed, output.tail()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_server_that_dies_mid_run_is_one_clear_error(
+    filled_repository: Path, tmp_path: Path, capfd, protocol: str
+):
+    require_server_binary()
+    config = server_config(filled_repository, tmp_path / "work", ["infer.server_timeout_s=10"])
+    server = TritonServer(config.serving, log_path=tmp_path / "tritonserver.log")
+    server.__enter__()
+    try:
+        url = server.http_url if protocol == "http" else server.grpc_url
+        predictor = TritonPredictor(url, config)
+        assert predictor.predict(["CCO"]).errors == [None]  # connected and answering
+        os.killpg(server.process.pid, signal.SIGKILL)  # the server dies, without a word
+        server.process.wait(timeout=30)
+        capfd.readouterr()
+        with pytest.raises(InferenceError, match=f"no Triton server answers at {url}"):
+            predictor.predict(["CCO", "c1ccccc1"] * 300)
+        # The client's own libraries print nothing of it: the error is said once, above.
+        assert "Traceback" not in capfd.readouterr().err
+    finally:
+        server.stop()
 
 
 def test_serve_without_a_model_says_what_to_run(tmp_path: Path, capsys):
