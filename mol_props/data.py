@@ -182,7 +182,11 @@ class MoleculeTable:
 def _separator(config: DataConfig, path: Path) -> str:
     if config.separator:
         return config.separator
-    return "\t" if path.suffix.lower() in {".tsv", ".tab"} else ","
+    # pandas reads compressed tables itself; the format is the suffix before .gz / .zip / ...
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    compressed = suffixes[-1:] in ([".gz"], [".bz2"], [".zip"], [".xz"], [".zst"])
+    suffix = suffixes[-2] if compressed and len(suffixes) > 1 else path.suffix.lower()
+    return "\t" if suffix in {".tsv", ".tab"} else ","
 
 
 def load_table(config: DataConfig, path: Path) -> MoleculeTable:

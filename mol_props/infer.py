@@ -16,6 +16,7 @@ import collections
 import concurrent.futures
 import csv
 import dataclasses
+import gzip
 import hashlib
 import itertools
 import json
@@ -43,6 +44,7 @@ from mol_props.featurize import (
 
 SMILES_FILE_SUFFIXES = {".smi", ".txt"}
 TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+GZIP_SUFFIX = ".gz"  # any input or output may be gzip-compressed: molecules.csv.gz
 CSV_FIELD_SIZE_LIMIT = 2**31 - 1  # the largest a C long takes on every platform
 # Chunks queued per worker process: enough to keep each busy while the main process writes, few
 # enough that memory does not grow with the file.
@@ -247,14 +249,31 @@ def _find_column(columns: Sequence[str], wanted: str) -> str | None:
     return matches[0] if len(matches) == 1 else None
 
 
+def file_format(path: Path) -> tuple[str, bool]:
+    """The format a file name promises, and whether it is gzip-compressed:
+    "molecules.csv" -> (".csv", False), "molecules.csv.gz" -> (".csv", True)."""
+    path = Path(path)
+    if path.suffix.lower() == GZIP_SUFFIX:
+        return Path(path.stem).suffix.lower(), True
+    return path.suffix.lower(), False
+
+
+def open_text(path: Path, mode: str, encoding: str, compressed: bool) -> typing.TextIO:
+    """A text file, or the text inside a gzip file, for the csv module (newline="")."""
+    if compressed:
+        return gzip.open(path, mode + "t", newline="", encoding=encoding)
+    return Path(path).open(mode, newline="", encoding=encoding)
+
+
 def read_smiles_file(
     path: Path, smiles_column: str, chunk_size: int, encoding: str = "utf-8"
 ) -> Iterator[InputChunk]:
     """Rows of a .csv/.tsv (with a SMILES column) or .smi/.txt (one SMILES per line, optionally
-    followed by a name), `chunk_size` rows at a time so memory stays bounded. An input without
-    rows still yields one empty chunk, so the output gets its header."""
+    followed by a name), each possibly gzip-compressed (.csv.gz), `chunk_size` rows at a time so
+    memory stays bounded. An input without rows still yields one empty chunk, so the output gets
+    its header."""
     path = Path(path)
-    suffix = path.suffix.lower()
+    suffix, compressed = file_format(path)
     if not path.exists():
         raise InferenceError(f"input file {path} does not exist")
     if not path.is_file():
@@ -262,19 +281,24 @@ def read_smiles_file(
     if suffix not in SMILES_FILE_SUFFIXES and suffix not in TABLE_DELIMITERS:
         raise InferenceError(
             f"input {path}: unsupported file type {suffix or '(none)'}; use .csv or .tsv with a "
-            "SMILES column, or .smi / .txt with one SMILES per line"
+            "SMILES column, or .smi / .txt with one SMILES per line (each may be .gz-compressed)"
         )
     # The csv module refuses any field over 128 KiB; one long cell in some other column (notes,
     # JSON) must not fail the whole file. Raised for this process, as pandas has no such limit.
     csv.field_size_limit(CSV_FIELD_SIZE_LIMIT)
-    with path.open(newline="", encoding=_text_encoding(encoding)) as handle:
+    with open_text(path, "r", _text_encoding(encoding), compressed) as handle:
         try:
-            yield from _read_chunks(path, handle, smiles_column, chunk_size)
+            yield from _read_chunks(path, suffix, handle, smiles_column, chunk_size)
         except UnicodeDecodeError as error:
             message = undecodable_text_message(encoding, error, "infer.encoding")
             raise InferenceError(f"cannot read {path}: it {message}") from error
         except csv.Error as error:
             raise InferenceError(f"cannot read {path} as {suffix[1:]} text: {error}") from error
+        except (gzip.BadGzipFile, EOFError) as error:
+            if not compressed:
+                raise
+            # Not gzip data, or a download cut short ("Compressed file ended before ...").
+            raise InferenceError(f"cannot read {path} as gzip: {error}") from error
 
 
 def _text_encoding(encoding: str) -> str:
@@ -288,14 +312,14 @@ def _text_encoding(encoding: str) -> str:
 
 
 def _read_chunks(
-    path: Path, handle: typing.TextIO, smiles_column: str, chunk_size: int
+    path: Path, suffix: str, handle: typing.TextIO, smiles_column: str, chunk_size: int
 ) -> Iterator[InputChunk]:
-    if path.suffix.lower() in SMILES_FILE_SUFFIXES:
+    if suffix in SMILES_FILE_SUFFIXES:
         columns = ["smiles", "name"]
         column = "smiles"
         rows: Iterator[dict[str, str]] = _smi_rows(handle)
     else:
-        reader = csv.DictReader(handle, delimiter=TABLE_DELIMITERS[path.suffix.lower()])
+        reader = csv.DictReader(handle, delimiter=TABLE_DELIMITERS[suffix])
         columns = list(reader.fieldnames or [])
         if not columns:
             raise InferenceError(f"{path} is empty: expected a header row with a SMILES column")
@@ -396,7 +420,7 @@ def file_name_hints(records: Sequence[dict]) -> list[str]:
         f"infer: {record['smiles']!r} looks like a file name, not a SMILES; to predict a file: "
         f"--input {record['smiles']} --output predictions.csv"
         for record in records
-        if record["error"] is not None and Path(record["smiles"]).suffix.lower() in suffixes
+        if record["error"] is not None and file_format(Path(record["smiles"]))[0] in suffixes
     ]
 
 
@@ -427,13 +451,14 @@ class FileSummary:
 
 def output_delimiter(path: Path) -> str:
     """The output table's delimiter, from its suffix as for inputs: .csv comma, .tsv tab."""
-    delimiter = TABLE_DELIMITERS.get(Path(path).suffix.lower())
+    suffix = file_format(path)[0]
+    delimiter = TABLE_DELIMITERS.get(suffix)
     if delimiter is None:
         # Anything else would get comma-separated text under a name that promises another
         # format (a .json file holding CSV).
         raise InferenceError(
-            f"--output {path}: unsupported file type {Path(path).suffix or '(none)'}; "
-            "name a .csv or .tsv file"
+            f"--output {path}: unsupported file type {suffix or '(none)'}; "
+            "name a .csv or .tsv file (or .csv.gz / .tsv.gz)"
         )
     return delimiter
 
@@ -458,7 +483,7 @@ def predict_file(
     partial = output_path.with_name(f".{output_path.name}.partial")
     try:
         output_path.parent.mkdir(parents=True, exist_ok=True)
-        handle = partial.open("w", newline="", encoding="utf-8")
+        handle = open_text(partial, "w", "utf-8", compressed=file_format(output_path)[1])
     except OSError as error:
         # Named after the output the user gave, not the hidden partial file beside it.
         raise InferenceError(f"cannot write --output {output_path}: {error.strerror}") from None

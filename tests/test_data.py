@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gzip
 import logging
 import re
 import warnings
@@ -163,6 +164,14 @@ def test_load_table_names_a_missing_column(tmp_path: Path, base_config: Config):
     path = write_csv(tmp_path / "table.csv", ["SMILES", "label"], [["CCO", "1"]])
     with pytest.raises(ValueError, match="smiles_column"):
         load_table(csv_config(base_config, path).data, path)
+
+
+def test_load_table_reads_a_compressed_tsv_as_tab_separated(tmp_path: Path, base_config: Config):
+    path = tmp_path / "table.tsv.gz"
+    path.write_bytes(gzip.compress(b"smiles\tlabel\nCCO\t1\nCCN\t0\n"))
+    table = load_table(csv_config(base_config, path).data, path)
+    assert table.smiles == ["CCO", "CCN"]
+    np.testing.assert_array_equal(table.targets[:, 0], [1.0, 0.0])
 
 
 def test_load_table_refuses_a_header_without_rows(tmp_path: Path, base_config: Config):

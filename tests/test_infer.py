@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gzip
 import json
 import os
 import shutil
@@ -379,6 +380,12 @@ def test_a_cell_longer_than_the_csv_modules_limit_fails_nothing(
         ("in.csv", b"smiles\n\xff\xfe\x00CCO\n", "cannot read"),
         ("in.sdf", "CCO\n", "unsupported file type .sdf"),
         ("missing.csv", None, "does not exist"),
+        ("in.csv.gz", "smiles\nCCO\n", "cannot read {source} as gzip: Not a gzipped file"),
+        (
+            "in.csv.gz",
+            gzip.compress(b"smiles\n" + b"CCO\n" * 5000)[:-20],  # a download cut short
+            "as gzip: Compressed file ended before the end-of-stream marker",
+        ),
     ],
 )
 def test_bad_input_files_exit_2_and_leave_no_output(
@@ -399,9 +406,31 @@ def test_bad_input_files_exit_2_and_leave_no_output(
         capsys, "infer", "--input", str(source), "--output", str(output), *exported_model.overrides
     )
     assert code == 2
-    assert message in err and "Traceback" not in err
+    assert message.format(source=source) in err and "Traceback" not in err
     assert not output.exists()
     assert list(tmp_path.glob(".*partial")) == []
+
+
+@pytest.mark.parametrize("output_name", ["preds.csv.gz", "preds.tsv.gz"])
+def test_gzip_compressed_inputs_and_outputs(
+    exported_model: ExportedModel, capsys: pytest.CaptureFixture, tmp_path: Path, output_name: str
+):
+    table = tmp_path / "in.tsv.gz"
+    table.write_bytes(gzip.compress(b"id\tsmiles\n1\tCCO\n2\tC1CC\n3\tc1ccccc1\n"))
+    molecules = tmp_path / "in.smi.gz"
+    molecules.write_bytes(gzip.compress(b"CCO ethanol\nC1CC broken\nc1ccccc1 benzene\n"))
+    expected = infer.local_predictor(exported_model.config).predict(["CCO", "c1ccccc1"])
+    delimiter = "\t" if output_name.endswith(".tsv.gz") else ","
+    for source, name_column in ((table, "id"), (molecules, "name")):
+        output = tmp_path / output_name
+        code, _, err = infer_file(capsys, source, output, *local_overrides(exported_model))
+        assert code == 0, err
+        with gzip.open(output, "rt", newline="") as handle:
+            written = list(csv.DictReader(handle, delimiter=delimiter))
+        assert [bool(row["error"]) for row in written] == [False, True, False]
+        assert [row[name_column] for row in written][0] in ("1", "ethanol")
+        values = [float(row[target_of(exported_model)]) for row in written if not row["error"]]
+        np.testing.assert_allclose(values, expected.values[:, 0], atol=1e-5)
 
 
 def test_output_may_not_overwrite_the_input(
