@@ -192,6 +192,8 @@ class Featurizer:
         self._group_offsets = np.cumsum([0] + [int(table.max()) + 1 for table in self._groups])
         # After the one-hot groups: aromatic, in ring, atomic mass / 100.
         self.atom_feature_size = int(self._group_offsets[-1]) + 3
+        # The element group's last slot: atoms of every element outside atom.elements.
+        self.unknown_element_column = len(atom.elements)
         unknown = [name for name in config.descriptors if name not in DESCRIPTOR_FUNCTIONS]
         if unknown:
             raise ConfigError(
@@ -238,6 +240,17 @@ class Featurizer:
             graph.canonical_smiles = Chem.MolToSmiles(molecule)
             graph.scaffold = MurckoScaffold.MurckoScaffoldSmiles(mol=molecule)
         return graph
+
+    def unknown_elements(self, smiles: str, graph: MoleculeGraph) -> tuple[str, ...]:
+        """Symbols of the molecule's elements outside preprocess.atom.elements, whose atoms all
+        share the "unknown" slot (a prediction for them is an extrapolation); () for most."""
+        if not graph.atom_features[:, self.unknown_element_column].any():
+            return ()
+        known = set(self.config.atom.elements)
+        atoms = self.parse(smiles).GetAtoms()  # rare: read again only to name the elements
+        return tuple(
+            sorted({atom.GetSymbol() for atom in atoms if atom.GetAtomicNum() not in known})
+        )
 
     def parse(self, smiles: str) -> Chem.Mol:
         """SMILES -> RDKit molecule (one fragment), or FeaturizationError naming the reason."""

@@ -113,6 +113,12 @@ class Predictions:
 
     values: np.ndarray  # [B, T] float32
     errors: list[str | None]
+    # Per molecule, its elements outside the featurizer's element list (their atoms share the
+    # "unknown" slot): predicted, but an extrapolation. Empty where the predictor cannot tell.
+    unknown_elements: list[tuple[str, ...]] = dataclasses.field(default_factory=list)
+
+    def unknown_elements_of(self, row: int) -> tuple[str, ...]:
+        return self.unknown_elements[row] if self.unknown_elements else ()
 
 
 class Predictor(Protocol):
@@ -197,7 +203,11 @@ class LocalPredictor:
                 )
                 (output,) = session.run(["prediction"], batch.as_inputs())  # [b, T]
                 values[batch_rows] = output
-        return Predictions(values=values, errors=errors)
+        unknown_elements = [
+            self.featurizer.unknown_elements(text, result) if errors[i] is None else ()
+            for i, (text, result) in enumerate(zip(smiles, results))
+        ]
+        return Predictions(values=values, errors=errors, unknown_elements=unknown_elements)
 
 
 def worker_count(config: InferConfig) -> int:
@@ -396,10 +406,16 @@ def _number_or_none(value: float) -> float | None:
     return None if math.isnan(value) else float(value)
 
 
-def predict_smiles(predictor: Predictor, smiles: Sequence[str]) -> list[dict]:
-    """`--smiles` mode: one JSON-ready dict per molecule, in input order."""
+def predict_smiles(predictor: Predictor, smiles: Sequence[str]) -> tuple[list[dict], list[str]]:
+    """`--smiles` mode: one JSON-ready dict per molecule, in input order, and the notes for
+    stderr (elements outside the model's list)."""
     predictions = predictor.predict(smiles)
-    return [
+    notes = [
+        f"infer: {text!r}: {unknown_elements_note(predictions.unknown_elements_of(i))}"
+        for i, text in enumerate(smiles)
+        if predictions.unknown_elements_of(i)
+    ]
+    records = [
         {
             "smiles": text,
             **{
@@ -410,6 +426,18 @@ def predict_smiles(predictor: Predictor, smiles: Sequence[str]) -> list[dict]:
         }
         for i, text in enumerate(smiles)
     ]
+    return records, notes
+
+
+def unknown_elements_note(elements: Sequence[str], molecules: int = 1) -> str:
+    """Why a prediction for a molecule holding these elements is an extrapolation."""
+    one = len(elements) == 1
+    return (
+        f"{', '.join(elements)} {'is' if one else 'are'} not among the model's elements "
+        f"(preprocess.atom.elements), so {'its' if one else 'their'} atoms share one "
+        '"unknown" feature slot and '
+        + ("the prediction is an extrapolation" if molecules == 1 else "these are extrapolations")
+    )
 
 
 def file_name_hints(records: Sequence[dict]) -> list[str]:
@@ -432,6 +460,10 @@ class FileSummary:
     # Rows with more cells than the header has columns: those cells cannot be written back.
     rows_with_extra_cells: int = 0
     first_row_with_extra_cells: int = 0  # its number among the data rows, from 1
+    # Predicted molecules with elements outside the model's list (extrapolations).
+    rows_with_unknown_elements: int = 0
+    first_row_with_unknown_elements: int = 0  # its number among the data rows, from 1
+    unknown_elements: set[str] = dataclasses.field(default_factory=set)
 
     def describe(self, output_path: Path, shown: int = 3) -> str:
         text = f"{self.ok} ok, {self.failed} failed -> {output_path}"
@@ -445,6 +477,13 @@ class FileSummary:
                 f"\nwarning: {self.rows_with_extra_cells} rows have more cells than the header "
                 f"(first: data row {self.first_row_with_extra_cells}); the cells beyond the "
                 "header's columns are not in the output"
+            )
+        if self.rows_with_unknown_elements:
+            elements = sorted(self.unknown_elements)
+            text += (
+                f"\nwarning: {self.rows_with_unknown_elements} molecules hold elements the model "
+                f"does not know (first: data row {self.first_row_with_unknown_elements}): "
+                f"{unknown_elements_note(elements, self.rows_with_unknown_elements)}"
             )
         return text
 
@@ -551,6 +590,11 @@ def _write_chunk(
             summary.rows_with_extra_cells += 1
         if error is None:
             summary.ok += 1
+            if elements := predictions.unknown_elements_of(i):
+                if not summary.rows_with_unknown_elements:
+                    summary.first_row_with_unknown_elements = summary.ok + summary.failed
+                summary.rows_with_unknown_elements += 1
+                summary.unknown_elements.update(elements)
         else:
             summary.failed += 1
             summary.reasons[error] += 1
@@ -692,11 +736,11 @@ def run(
     else:
         predictor = local_predictor(config)
     if smiles:
-        records = predict_smiles(predictor, smiles)
+        records, notes = predict_smiles(predictor, smiles)
         for record in records:
             print(json.dumps(record))
-        for hint in file_name_hints(records):
-            print(hint, file=sys.stderr)
+        for line in notes + file_name_hints(records):
+            print(line, file=sys.stderr)
         return 0 if any(record["error"] is None for record in records) else 1
     summary = predict_file(predictor, Path(input_path), Path(output_path), config.infer)
     print(summary.describe(Path(output_path)), file=sys.stderr)

@@ -241,6 +241,22 @@ def test_unknown_values_go_to_the_unknown_slot(
     iron = featurizer("[Fe+3]").atom_features[0]
     assert iron[column(preprocess, "elements", 26)] == 1
     assert iron[column(preprocess, "formal_charges", None)] == 1
+    assert featurizer.unknown_element_column == unknown_element
+
+
+@pytest.mark.parametrize(
+    ("smiles", "elements"),
+    [
+        ("CCO", ()),
+        ("[Fe+3]", ()),
+        ("CC[U]", ("U",)),
+        ("C[Gd]C[Xe]", ("Gd", "Xe")),
+        ("*C", ("*",)),  # a dummy atom is no element the model knows either
+        ("CCO.[U]", ()),  # the salt's kept fragment holds none
+    ],
+)
+def test_unknown_elements_are_named(featurizer: Featurizer, smiles: str, elements: tuple):
+    assert featurizer.unknown_elements(smiles, featurizer(smiles)) == elements
 
 
 # ----------------------------------------------------------------------------- layout, adjacency

@@ -155,6 +155,25 @@ def test_salts_and_unknown_elements_are_predicted(exported_model: ExportedModel)
     assert predictions.errors[:3] == [None, None, None]
     assert predictions.values[0, 0] == predictions.values[1, 0]
     assert "whitespace" in predictions.errors[3]
+    assert predictions.unknown_elements == [(), (), ("Xe",), ()]
+
+
+def test_unknown_elements_are_predicted_with_a_note(
+    exported_model: ExportedModel, capsys: pytest.CaptureFixture, tmp_path: Path
+):
+    code, out, err = run_cli(
+        capsys, "infer", "--smiles", "CCO,C[U]C", *local_overrides(exported_model)
+    )
+    assert code == 0
+    assert [record["error"] for record in json_lines(out)] == [None, None]
+    assert "infer: 'C[U]C': U is not among the model's elements" in err
+    assert "'CCO'" not in err
+    written, err = infer_text(
+        capsys, exported_model, tmp_path / "in.smi", "CCO\nC1CC\nC[Gd]\nC[U]C\n"
+    )
+    assert [bool(row["error"]) for row in written] == [False, True, False, False]
+    assert "warning: 2 molecules hold elements the model does not know (first: data row 3)" in err
+    assert "Gd, U are not among the model's elements" in err
 
 
 def test_only_invalid_smiles_exits_non_zero(
