@@ -25,7 +25,6 @@ import signal
 import subprocess
 import sys
 import sysconfig
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -246,12 +245,12 @@ class TritonServer:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def wait_until_ready(self, cancel: threading.Event | None = None) -> None:
+    def wait_until_ready(self, cancelled: Callable[[], bool] = lambda: False) -> None:
         """Block until the server and all its models are ready; ServeError if it exits first."""
         deadline = time.monotonic() + self.config.ready_timeout_s
         url = f"{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
-            if cancel is not None and cancel.is_set():
+            if cancelled():
                 raise ServeError("interrupted while the server was starting")
             if not self.running():
                 code = self.process.returncode if self.process else None
@@ -417,15 +416,27 @@ def prepare_repository(config: Config) -> None:
         raise ServeError(str(error)) from error
 
 
+class StopRequest:
+    """Set by SIGINT / SIGTERM. A plain flag, because a signal handler must not take a lock: with
+    a threading.Event, a signal landing while the main thread's Event.wait() held the Event's
+    lock made the handler's Event.set() wait for that lock forever (seen: `serve` hung after
+    SIGTERM, its server's python stubs left running)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    def is_set(self) -> bool:
+        return self.requested
+
+
 def serve(config: Config) -> int:
     """The `mol_props serve` command: run until Ctrl-C / SIGTERM; returns the exit code."""
-    stop_requested = threading.Event()
-
-    def request_stop(signum: int, frame: object) -> None:
-        stop_requested.set()
-
+    stop_requested = StopRequest()
     previous = {
-        signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)
+        signum: signal.signal(signum, stop_requested) for signum in (signal.SIGINT, signal.SIGTERM)
     }
     server: TritonServer | None = None
     failure: str | None = None
@@ -434,10 +445,10 @@ def serve(config: Config) -> int:
             prepare_repository(config)
         server = TritonServer(config.serving, onnx_model_name=config.export.triton_model_name)
         server.start()
-        server.wait_until_ready(cancel=stop_requested)
+        server.wait_until_ready(cancelled=stop_requested.is_set)
         _print_endpoints(server)
-        while server.running() and not stop_requested.wait(timeout=0.5):
-            pass
+        while server.running() and not stop_requested.is_set():
+            time.sleep(READY_POLL_S)
     except ServeError as error:
         failure = str(error)
     finally:

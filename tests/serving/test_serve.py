@@ -136,6 +136,34 @@ def test_a_server_that_dies_mid_run_is_one_clear_error(
         server.stop()
 
 
+SIGNAL_STORM = """
+import os, signal, sys, time
+from mol_props.serve import StopRequest
+
+stop = StopRequest()
+signal.signal(signal.SIGTERM, stop)
+child = os.fork()
+if child == 0:  # signals as fast as they can be sent, while the parent polls
+    for _ in range(100_000):
+        os.kill(os.getppid(), signal.SIGTERM)
+    os._exit(0)
+while os.waitpid(child, os.WNOHANG) == (0, 0):
+    stop.is_set()  # what serve's loop does between its sleeps
+    time.sleep(1e-5)
+print("stopped" if stop.is_set() else "never set")
+"""
+
+
+def test_a_stop_signal_can_never_deadlock_the_serve_loop():
+    # A threading.Event here hung this script for good within seconds (and `serve` once, after
+    # SIGTERM): the handler's Event.set() waited on the lock the interrupted Event.wait() held.
+    process = subprocess.run(
+        [sys.executable, "-c", SIGNAL_STORM], capture_output=True, text=True, timeout=120
+    )
+    assert process.returncode == 0, process.stderr
+    assert process.stdout.strip() == "stopped"
+
+
 def test_serve_without_a_model_says_what_to_run(tmp_path: Path, capsys):
     repository = copy_repository(tmp_path / "triton_repo")
     config = server_config(
