@@ -60,6 +60,13 @@ def _setup(overrides: tuple[str, ...]) -> Config:
     return compose_config([str(override) for override in overrides])
 
 
+def _check_triton_repo(config: Config) -> None:
+    """The model repository that export fills must be there, with its configs."""
+    from mol_props.triton_repo import check_model_repository
+
+    check_model_repository(Path(config.serving.triton_repo), config.export.triton_model_name)
+
+
 # infer's options as fire accepts them (a unique first letter works as a short flag; -s is
 # ambiguous between smiles and server, and fire refuses it itself). The other commands take
 # config overrides only.
@@ -126,11 +133,7 @@ class Commands:
             config = _setup(overrides)
             if config.train.export_after:
                 # Checked now rather than by the export after minutes of training.
-                from mol_props.triton_repo import check_model_repository
-
-                check_model_repository(
-                    Path(config.serving.triton_repo), config.export.triton_model_name
-                )
+                _check_triton_repo(config)
             from mol_props import train
 
             try:
@@ -157,6 +160,7 @@ class Commands:
         """Export models/best.ckpt to ONNX (+ parity check) and fill triton_repo/."""
         with reported_errors():
             config = _setup(overrides)
+            _check_triton_repo(config)  # before models/ is rewritten, not after
             from mol_props import export
 
             result = export.run(config)

@@ -64,6 +64,16 @@ def test_train_checks_the_triton_repository_before_training(
     assert not (tmp_path / "checkpoints").exists()  # refused before any training
 
 
+def test_export_checks_the_triton_repository_before_exporting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    # No checkpoint either: the repository is named first, before anything is read or written.
+    code, _, err = run_in_workspace(capsys, tmp_path, "export")
+    assert code == USAGE_ERROR
+    assert f"is {tmp_path / 'triton_repo'} the Triton repo?" in err
+    assert not (tmp_path / "models").exists()
+
+
 def test_export_without_a_checkpoint_says_to_train_first(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
