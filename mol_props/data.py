@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import urllib.request
 from collections import defaultdict
@@ -371,7 +372,9 @@ def featurize_table(
 
 def _save_cache(path: Path, table: FeaturizedTable) -> None:
     sizes = np.array([graph.num_atoms for graph in table.graphs], dtype=np.int64)
-    temporary = path.with_suffix(".tmp.npz")
+    # One temporary file per process: two runs featurizing the same table at once must not
+    # write into one file (each replaces the cache with a whole one of its own).
+    temporary = path.with_suffix(f".{os.getpid()}.tmp.npz")
     np.savez(
         temporary,
         sizes=sizes,
