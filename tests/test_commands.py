@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from mol_props import commands
 from mol_props.commands import USAGE_ERROR, check_arguments
 from mol_props.errors import UsageError
-from tests.conftest import run_cli, run_process, workspace_overrides, write_molecule_csv
+from tests.conftest import REPO_ROOT, run_cli, run_process, workspace_overrides, write_molecule_csv
 
 
 def run_in_workspace(
@@ -77,6 +78,7 @@ def test_export_checks_the_triton_repository_before_exporting(
 def test_export_without_a_checkpoint_says_to_train_first(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
+    shutil.copytree(REPO_ROOT / "triton_repo", tmp_path / "triton_repo")  # a real repository
     code, _, err = run_in_workspace(capsys, tmp_path, "export")
     assert code == USAGE_ERROR
     assert f"no checkpoint at {tmp_path / 'models' / 'best.ckpt'}" in err
