@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -227,6 +228,7 @@ class TritonServer:
 
     def start(self) -> None:
         self.check_repository()
+        self.check_ports_free()
         self.assemble_backends()
         output: int | IO[bytes] | None = None
         if self.log_path is not None:
@@ -241,6 +243,24 @@ class TritonServer:
             start_new_session=True,
             preexec_fn=_parent_death_signal() if sys.platform == "linux" else None,
         )
+
+    def check_ports_free(self) -> None:
+        """A port in use is named before the server starts: when another server held the HTTP
+        port, its answer to the readiness check passed for this one's (which then exited)."""
+        for setting in ("http_port", "grpc_port", "metrics_port"):
+            port = getattr(self.config, setting)
+            with socket.socket() as probe:
+                # As servers bind: connections of an earlier server still closing (TIME_WAIT)
+                # do not count, only a socket listening there now.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((self.config.host, port))
+                except OSError as error:
+                    raise ServeError(
+                        f"serving.{setting}={port}: {self.config.host}:{port} is in use "
+                        f"({error.strerror}); is a server running already? choose another "
+                        f"port with serving.{setting}=..."
+                    ) from None
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -162,6 +163,26 @@ def test_a_stop_signal_can_never_deadlock_the_serve_loop():
     )
     assert process.returncode == 0, process.stderr
     assert process.stdout.strip() == "stopped"
+
+
+@pytest.mark.parametrize("setting", ["http_port", "grpc_port", "metrics_port"])
+def test_a_port_in_use_is_named_before_the_server_starts(
+    filled_repository: Path, tmp_path: Path, setting: str
+):
+    # Another server's answer on the HTTP port passed for this one's readiness (it printed
+    # "Triton is serving" and then exited): now refused before anything starts.
+    config = server_config(filled_repository, tmp_path / "work")
+    port = getattr(config.serving, setting)
+    with socket.socket() as other_server:
+        other_server.bind(("127.0.0.1", port))
+        other_server.listen()
+        server = TritonServer(config.serving)
+        try:
+            with pytest.raises(ServeError, match=f"serving.{setting}={port}: 127.0.0.1:{port} is"):
+                server.start()
+        finally:
+            server.stop()  # a server that did start (the old behaviour) is not left running
+    assert server.process is None
 
 
 def test_serve_without_a_model_says_what_to_run(tmp_path: Path, capsys):
