@@ -4,7 +4,9 @@ metrics reach a real MLflow server, and a missing server neither hangs nor fails
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from mol_props.errors import ConfigError
 from mol_props.featurize import Featurizer
 from mol_props.infer import ModelMetadata
 from mol_props.model import MoleculeGNN
+from mol_props.tracking import RunLogger
 from tests.conftest import (
     REPO_ROOT,
     TINY_MODEL,
@@ -337,10 +340,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `mlflow server` on a free loopback port, for this module."""
-    root = tmp_path_factory.mktemp("mlflow_server")
+def _start_mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
+    """A real `mlflow server` on a free loopback port, once it answers: (process, url)."""
     port = _free_port()
     process = subprocess.Popen(
         [
@@ -361,6 +362,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         ],
         stdout=(root / "server.log").open("w"),
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # its workers go with it when the test stops the group
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -368,20 +370,46 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         try:
             with urllib.request.urlopen(url + "/health", timeout=1) as response:
                 if response.status == 200:
-                    break
+                    return process, url
         except OSError:
             if process.poll() is not None:
                 pytest.fail(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
             time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("mlflow server did not become healthy in 120 s")
+    os.killpg(process.pid, signal.SIGKILL)
+    pytest.fail("mlflow server did not become healthy in 120 s")
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` for this module."""
+    process, url = _start_mlflow_server(tmp_path_factory.mktemp("mlflow_server"))
     yield url
-    process.terminate()
+    os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_a_server_that_stops_mid_run_costs_one_warning_not_the_run(tmp_path, caplog):
+    # MLflow's own retries made one call wait ~4 minutes after the server went, then raise.
+    process, url = _start_mlflow_server(tmp_path)
+    try:
+        config = compose_config([f"logging.tracking_uri={url}"]).logging
+        tracker = RunLogger(config, "stops-mid-run")
+        tracker.log_metrics({"train_loss": 0.5}, step=1)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=20)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="mol_props"):
+        tracker.log_metrics({"train_loss": 0.4}, step=2)
+        tracker.log_artifact(tmp_path / "server.log")
+        tracker.finish()
+    assert time.monotonic() - started < 60
+    warnings = [record for record in caplog.records if "stopped answering" in record.message]
+    assert len(warnings) == 1 and "training goes on" in warnings[0].message
+    assert tracker.lost is not None
 
 
 def test_run_is_logged_to_a_real_mlflow_server(tmp_path, molecules_csv, mlflow_server):
