@@ -57,7 +57,7 @@ class _HttpTransport:
         # reports it in one line; without this, gevent also prints each failed request's
         # traceback to stderr (two full tracebacks when a server dies mid-file).
         hub = gevent.get_hub()
-        hub.NOT_ERROR = (*hub.NOT_ERROR, *CONNECTION_ERRORS)
+        hub.NOT_ERROR += tuple(set(CONNECTION_ERRORS) - set(hub.NOT_ERROR))  # once per process
         self.module = module
         self.client = module.InferenceServerClient(
             address,
@@ -153,7 +153,8 @@ class TritonPredictor:
             for start, result in pending:
                 size = min(self.batch_size, len(smiles) - start)
                 self._unpack(self._call("infer", result), start, size, values, errors)
-        return Predictions(values=values, errors=errors)
+        # The ensemble has no output for unknown elements: the server cannot say.
+        return Predictions(values=values, errors=errors, unknown_elements=[()] * len(smiles))
 
     def close(self) -> None:
         self.transport.close()

@@ -48,6 +48,7 @@ B3DB_FILES = ("B3DB_classification.tsv", "B3DB_regression.tsv")
 B3DB_PACKAGE = "qc-b3db==1.1.1"
 B3DB_GITHUB = "https://raw.githubusercontent.com/theochem/B3DB/main/B3DB/"
 SPLIT_NAMES = ("train", "val", "test")
+PANDAS_COMPRESSIONS = {".gz", ".bz2", ".zip", ".xz", ".zst"}  # suffixes pandas.read_csv unpacks
 
 
 # ----------------------------------------------------------------------------- fetching
@@ -183,10 +184,9 @@ class MoleculeTable:
 def _separator(config: DataConfig, path: Path) -> str:
     if config.separator:
         return config.separator
-    # pandas reads compressed tables itself; the format is the suffix before .gz / .zip / ...
-    suffixes = [suffix.lower() for suffix in path.suffixes]
-    compressed = suffixes[-1:] in ([".gz"], [".bz2"], [".zip"], [".xz"], [".zst"])
-    suffix = suffixes[-2] if compressed and len(suffixes) > 1 else path.suffix.lower()
+    suffix = path.suffix.lower()
+    if suffix in PANDAS_COMPRESSIONS:  # pandas reads these itself: the format comes before
+        suffix = Path(path.stem).suffix.lower()
     return "\t" if suffix in {".tsv", ".tab"} else ","
 
 

@@ -114,11 +114,8 @@ class Predictions:
     values: np.ndarray  # [B, T] float32
     errors: list[str | None]
     # Per molecule, its elements outside the featurizer's element list (their atoms share the
-    # "unknown" slot): predicted, but an extrapolation. Empty where the predictor cannot tell.
-    unknown_elements: list[tuple[str, ...]] = dataclasses.field(default_factory=list)
-
-    def unknown_elements_of(self, row: int) -> tuple[str, ...]:
-        return self.unknown_elements[row] if self.unknown_elements else ()
+    # "unknown" slot): predicted, but an extrapolation. () where the predictor cannot tell.
+    unknown_elements: list[tuple[str, ...]]
 
 
 class Predictor(Protocol):
@@ -411,9 +408,9 @@ def predict_smiles(predictor: Predictor, smiles: Sequence[str]) -> tuple[list[di
     stderr (elements outside the model's list)."""
     predictions = predictor.predict(smiles)
     notes = [
-        f"infer: {text!r}: {unknown_elements_note(predictions.unknown_elements_of(i))}"
-        for i, text in enumerate(smiles)
-        if predictions.unknown_elements_of(i)
+        f"infer: {text!r}: {unknown_elements_note(elements)}"
+        for text, elements in zip(smiles, predictions.unknown_elements)
+        if elements
     ]
     records = [
         {
@@ -448,7 +445,7 @@ def file_name_hints(records: Sequence[dict]) -> list[str]:
         f"infer: {record['smiles']!r} looks like a file name, not a SMILES; to predict a file: "
         f"--input {record['smiles']} --output predictions.csv"
         for record in records
-        if record["error"] is not None and file_format(Path(record["smiles"]))[0] in suffixes
+        if record["error"] is not None and file_format(record["smiles"])[0] in suffixes
     ]
 
 
@@ -590,7 +587,7 @@ def _write_chunk(
             summary.rows_with_extra_cells += 1
         if error is None:
             summary.ok += 1
-            if elements := predictions.unknown_elements_of(i):
+            if elements := predictions.unknown_elements[i]:
                 if not summary.rows_with_unknown_elements:
                     summary.first_row_with_unknown_elements = summary.ok + summary.failed
                 summary.rows_with_unknown_elements += 1
