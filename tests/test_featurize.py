@@ -9,6 +9,7 @@ so the featurizer's fast paths are checked against something written independent
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import pickle
 
@@ -345,6 +346,7 @@ def test_atom_rows_match_reference_on_real_and_unusual_molecules(preprocess: Pre
         np.testing.assert_array_equal(featurizer.atom_features(molecule), expected, err_msg=text)
         checked += 1
     assert checked >= 400
+    assert len(featurizer._table_rows) > 64  # the row table grew past its first size
     # A fresh featurizer (empty row cache) gives the same rows as the warmed-up one.
     for text in EDGE_CASES:
         np.testing.assert_array_equal(
@@ -418,6 +420,51 @@ def test_featurize_many_returns_errors_in_place(featurizer: Featurizer):
         MoleculeGraph,
     ]
     assert results[3].num_atoms == 6
+    # No traceback: its frames would keep the batch's molecules alive in a reference cycle.
+    assert results[1].__traceback__ is None and results[2].__traceback__ is None
+
+
+def test_featurize_many_in_stage_batches_equals_one_molecule_at_a_time(
+    preprocess: PreprocessConfig,
+):
+    # Molecules go through featurize_many's stages in batches: refusals at batch edges must keep
+    # every result in its input position, and each graph must be the one a lone call gives.
+    batch = Featurizer._STAGE_BATCH
+    smiles = [row["SMILES"] for row in b3db_rows(2 * batch + 20)]
+    for position in (0, batch - 1, batch, 2 * batch + 5):
+        smiles.insert(position, "C1CC")
+    smiles.append("")
+    results = Featurizer(preprocess).featurize_many(smiles, with_keys=True)
+    assert len(results) == len(smiles)
+    alone = Featurizer(preprocess)
+    for text, result in zip(smiles, results):
+        try:
+            expected = alone(text, with_keys=True)
+        except FeaturizationError as error:
+            assert isinstance(result, FeaturizationError) and str(result) == str(error)
+            continue
+        assert isinstance(result, MoleculeGraph), text
+        np.testing.assert_array_equal(result.atom_features, expected.atom_features)
+        np.testing.assert_array_equal(result.adjacency, expected.adjacency)
+        np.testing.assert_array_equal(result.descriptors, expected.descriptors)
+        assert (result.canonical_smiles, result.scaffold) == (
+            expected.canonical_smiles,
+            expected.scaffold,
+        )
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_featurize_many_leaves_garbage_collection_as_it_was(featurizer: Featurizer, enabled: bool):
+    was_enabled = gc.isenabled()
+    try:
+        (gc.enable if enabled else gc.disable)()
+        featurizer.featurize_many(["CCO", "C1CC"])
+        assert gc.isenabled() is enabled
+        with pytest.raises(FeaturizationError):
+            featurizer("C1CC")  # raised from inside the paused section
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was_enabled else gc.disable)()
 
 
 # ----------------------------------------------------------------------------- fragments
