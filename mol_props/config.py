@@ -353,13 +353,28 @@ def check_ranges(config: Config) -> None:
         raise ConfigError(f"model.fingerprint_weight={value}: a share, in [0, 1]")
 
 
+# Settings whose value is a mapping. Hydra refuses the form people type for them,
+# `data.label_map={yes: 1, no: 0}` ("Could not override 'data.label_map'", then a suggestion of
+# `+`, which fails too): it takes only `++data.label_map=...`. The plain form is read as that one,
+# which merges the keys given into the mapping as Hydra merges any other mapping override.
+MAPPING_SETTINGS = ("data.label_map", "serving.python_backend")
+
+
+def _with_mapping_prefix(override: str) -> str:
+    key = override.split("=", 1)[0]
+    return f"++{override}" if key in MAPPING_SETTINGS else override
+
+
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Compose `configs/` with Hydra overrides (`model.hidden_dim=256`) into a typed Config."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        composed = compose(config_name=CONFIG_NAME, overrides=list(overrides))
+        composed = compose(
+            config_name=CONFIG_NAME,
+            overrides=[_with_mapping_prefix(override) for override in overrides],
+        )
     merged = OmegaConf.merge(OmegaConf.structured(Config), composed)
     config = OmegaConf.to_object(merged)
     check_choices(config)

@@ -277,7 +277,7 @@ def read_target_column(values: Sequence[str], column: str, config: DataConfig) -
         if np.isnan(parsed).all():
             raise DataError(
                 f"target column {column!r} holds no number (e.g. {examples}); map text labels "
-                "to numbers with data.label_map, e.g. '++data.label_map={yes: 1, no: 0}'"
+                "to numbers with data.label_map, e.g. 'data.label_map={yes: 1, no: 0}'"
             )
         LOGGER.warning(
             "data: %d value(s) of column %r are neither numbers nor data.label_map keys; read "

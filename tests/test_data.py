@@ -115,7 +115,7 @@ def test_load_table_skips_rows_without_smiles_or_targets(
 
 def test_text_labels_without_a_label_map_say_how_to_map_them(tmp_path: Path, base_config: Config):
     path = write_csv(tmp_path / "t.csv", ["smiles", "label"], [["CCO", "yes"], ["CCN", "no"]])
-    with pytest.raises(DataError, match=r"holds no number .*'\+\+data.label_map=\{yes: 1"):
+    with pytest.raises(DataError, match=r"holds no number .*'data.label_map=\{yes: 1"):
         load_table(csv_config(base_config, path).data, path)
     mapped = csv_config(base_config, path, label_map={"yes": 1.0, "no": 0.0})
     np.testing.assert_array_equal(load_table(mapped.data, path).targets[:, 0], [1.0, 0.0])
