@@ -7,6 +7,9 @@ a typo in an override (`model.hiden_dim=3`) or a wrong type an error, not a sile
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -365,17 +368,59 @@ def _with_mapping_prefix(override: str) -> str:
     return f"++{override}" if key in MAPPING_SETTINGS else override
 
 
+def setting_names(node: object, prefix: str = "") -> list[str]:
+    """Every section and setting under a config dataclass, dotted: "train", "train.patience"."""
+    names = []
+    for setting in dataclasses.fields(node):
+        value, name = getattr(node, setting.name), f"{prefix}{setting.name}"
+        names.append(name)
+        if dataclasses.is_dataclass(value):
+            names.extend(setting_names(value, f"{name}."))
+    return names
+
+
+def unknown_setting_message(key: str) -> str:
+    """For an override of a setting that does not exist. Hydra's own message suggests adding it
+    with `+`, which fails in turn; a typo wants the setting's real name."""
+    known = setting_names(Config())
+    message = f"{key}: no such setting"
+    # Not the key's own section ("train" for train.zzz): its settings are listed below instead.
+    candidates = [name for name in known if not key.startswith(f"{name}.")]
+    close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
+    if close:
+        return f"{message}; did you mean {' or '.join(close)}?"
+    section = key.rpartition(".")[0]
+    if section in known:
+        settings = [
+            name.rpartition(".")[2] for name in known if name.rpartition(".")[0] == section
+        ]
+        return f"{message}; {section} has {', '.join(settings)}"
+    sections = [name for name in known if "." not in name]
+    return f"{message}; the sections are {', '.join(sections)}"
+
+
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Compose `configs/` with Hydra overrides (`model.hidden_dim=256`) into a typed Config."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
     from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError
 
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        composed = compose(
-            config_name=CONFIG_NAME,
-            overrides=[_with_mapping_prefix(override) for override in overrides],
-        )
-    merged = OmegaConf.merge(OmegaConf.structured(Config), composed)
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            composed = compose(
+                config_name=CONFIG_NAME,
+                overrides=[_with_mapping_prefix(override) for override in overrides],
+            )
+    except ConfigCompositionException as error:
+        unknown = re.match(r"Could not override '([^']+)'", str(error))
+        if unknown is None or unknown.group(1) in setting_names(Config()):
+            raise
+        raise ConfigError(unknown_setting_message(unknown.group(1))) from None
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), composed)
+    except ConfigKeyError as error:  # `+train.max_epoch=3`: added, then not in the schema
+        raise ConfigError(unknown_setting_message(error.full_key)) from None
     config = OmegaConf.to_object(merged)
     check_choices(config)
     check_ranges(config)

@@ -15,7 +15,7 @@ from tests.conftest import REPO_ROOT
     [
         ("train_quality.py", ["--task=bogus"], "--task='bogus': choose one of"),
         ("train_quality.py", ["--benchmark_dir=/nonexistent"], "no b3db_classification"),
-        ("featurize.py", ["bogus.key=1"], "error: Could not override 'bogus.key'"),
+        ("featurize.py", ["bogus.key=1"], "error: bogus.key: no such setting"),
         (
             "triton_load.py",
             ["--http=http://127.0.0.1:9", "--protocols=http"],

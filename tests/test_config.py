@@ -7,9 +7,9 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
+from omegaconf.errors import MissingMandatoryValue, ValidationError
 
 from mol_props.config import MAPPING_SETTINGS, Config, compose_config, config_dir, to_flat_dict
 from mol_props.errors import ConfigError
@@ -104,8 +104,16 @@ def mapping_settings(node: object, prefix: str = "") -> list[str]:
 @pytest.mark.parametrize(
     ("overrides", "error", "names"),
     [
-        (["model.hiden_dim=3"], ConfigCompositionException, "hiden_dim"),
-        (["+model.hiden_dim=3"], ConfigKeyError, "hiden_dim"),
+        # Hydra's own message suggested adding the key with `+`, which fails in turn.
+        (["model.hiden_dim=3"], ConfigError, "model.hiden_dim: .* did you mean model.hidden_dim"),
+        (["+model.hiden_dim=3"], ConfigError, "model.hiden_dim: .* did you mean model.hidden_dim"),
+        (["dat=csv"], ConfigError, "dat: no such setting; did you mean data?"),
+        (
+            ["train.qqqqqqqq=1"],
+            ConfigError,
+            "train.qqqqqqqq: no such setting; train has seed, max_",
+        ),
+        (["zzz.zzz=1"], ConfigError, "zzz.zzz: no such setting; the sections are data, preproc"),
         (["model.hidden_dim=three"], ValidationError, "three"),
         (["model=dense_gn"], MissingConfigException, "dense_gn"),
         (["data=csv"], MissingMandatoryValue, "path"),
