@@ -128,7 +128,14 @@ class Commands:
     """Molecular property prediction: train, export, infer, serve."""
 
     def train(self, *overrides: str) -> None:
-        """Train the GNN (fetching data with DVC), log to MLflow, export ONNX at the end."""
+        """Train the GNN (fetching data with DVC), log to MLflow, export ONNX at the end.
+
+        OVERRIDES are Hydra settings, KEY=VALUE; configs/ holds every one, with comments:
+          train.max_epochs=5 model.hidden_dim=64      change values
+          data=b3db_regression train=small_data       choose a group's option
+          data=csv data.path=F.csv data.smiles_column=smiles data.target_columns=[y]
+          'data.label_map={yes: 1, no: 0}'            text labels of a csv table
+          train.resume=true                           continue an interrupted run"""
         with reported_errors():
             config = _setup(overrides)
             if config.train.export_after:
@@ -157,7 +164,9 @@ class Commands:
         )
 
     def export(self, *overrides: str) -> None:
-        """Export models/best.ckpt to ONNX (+ parity check) and fill triton_repo/."""
+        """Export models/best.ckpt to ONNX (+ parity check) and fill triton_repo/.
+
+        OVERRIDES: Hydra settings as for train, e.g. export.checkpoint=PATH."""
         with reported_errors():
             config = _setup(overrides)
             _check_triton_repo(config)  # before models/ is rewritten, not after
@@ -212,7 +221,9 @@ class Commands:
             raise SystemExit(code)
 
     def serve(self, *overrides: str) -> None:
-        """Start a Triton Inference Server on triton_repo/ (Ctrl-C stops it)."""
+        """Start a Triton Inference Server on triton_repo/ (Ctrl-C stops it).
+
+        OVERRIDES: Hydra settings as for train, e.g. serving.http_port=8000."""
         with reported_errors():
             config = _setup(overrides)
             from mol_props import serve

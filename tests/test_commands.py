@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 from mol_props import commands
 from mol_props.commands import USAGE_ERROR, check_arguments
+from mol_props.config import compose_config
 from mol_props.errors import UsageError
 from tests.conftest import REPO_ROOT, run_cli, run_process, workspace_overrides, write_molecule_csv
 
@@ -30,6 +32,17 @@ def test_help_lists_every_command():
     listed = (result.stdout + result.stderr).split("COMMANDS", 1)[-1].split()
     for command in ("train", "export", "infer", "serve", "download_data"):
         assert command in listed
+
+
+def test_train_help_examples_are_overrides_that_compose():
+    """The examples `mol_props train --help` shows are real settings, written as a shell takes
+    them (a renamed setting would otherwise leave the help showing one that fails)."""
+    help_text = commands.Commands.train.__doc__
+    examples = help_text.split("OVERRIDES are Hydra settings", 1)[1].splitlines()[1:]
+    assert len(examples) >= 4
+    for line in examples:
+        overrides = shlex.split(line.split("   ")[0].strip())  # the text before the comment
+        compose_config(overrides)
 
 
 @pytest.mark.parametrize(
