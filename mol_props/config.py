@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -356,33 +357,38 @@ def check_ranges(config: Config) -> None:
         raise ConfigError(f"model.fingerprint_weight={value}: a share, in [0, 1]")
 
 
-# Settings whose value is a mapping. Hydra refuses the form people type for them,
-# `data.label_map={yes: 1, no: 0}` ("Could not override 'data.label_map'", then a suggestion of
-# `+`, which fails too): it takes only `++data.label_map=...`. The plain form is read as that one,
-# which merges the keys given into the mapping as Hydra merges any other mapping override.
-MAPPING_SETTINGS = ("data.label_map", "serving.python_backend")
-
-
-def _with_mapping_prefix(override: str) -> str:
-    key = override.split("=", 1)[0]
-    return f"++{override}" if key in MAPPING_SETTINGS else override
-
-
-def setting_names(node: object, prefix: str = "") -> list[str]:
-    """Every section and setting under a config dataclass, dotted: "train", "train.patience"."""
-    names = []
+def _settings(node: object, prefix: str = "") -> Iterator[tuple[str, object]]:
+    """(dotted name, default value) of every section and setting under a config dataclass."""
     for setting in dataclasses.fields(node):
         value, name = getattr(node, setting.name), f"{prefix}{setting.name}"
-        names.append(name)
+        yield name, value
         if dataclasses.is_dataclass(value):
-            names.extend(setting_names(value, f"{name}."))
-    return names
+            yield from _settings(value, f"{name}.")
+
+
+def setting_names() -> list[str]:
+    """Every section and setting of the config, dotted: "train", "train.patience"."""
+    return [name for name, _ in _settings(Config())]
+
+
+def mapping_settings() -> set[str]:
+    """Settings whose value is a mapping: data.label_map, serving.python_backend."""
+    return {name for name, value in _settings(Config()) if isinstance(value, dict)}
+
+
+def _with_mapping_prefix(override: str, mappings: set[str]) -> str:
+    """Hydra refuses the form people type for a mapping, `data.label_map={yes: 1, no: 0}`
+    ("Could not override 'data.label_map'", then a suggestion of `+`, which fails too): it takes
+    only `++data.label_map=...`. The plain form is read as that one, which merges the keys given
+    into the mapping as Hydra merges any other mapping override."""
+    key = override.split("=", 1)[0]
+    return f"++{override}" if key in mappings else override
 
 
 def unknown_setting_message(key: str) -> str:
     """For an override of a setting that does not exist. Hydra's own message suggests adding it
     with `+`, which fails in turn; a typo wants the setting's real name."""
-    known = setting_names(Config())
+    known = setting_names()
     message = f"{key}: no such setting"
     # Not the key's own section ("train" for train.zzz): its settings are listed below instead.
     candidates = [name for name in known if not key.startswith(f"{name}.")]
@@ -406,15 +412,16 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
     from omegaconf import OmegaConf
     from omegaconf.errors import ConfigKeyError
 
+    mappings = mapping_settings()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             composed = compose(
                 config_name=CONFIG_NAME,
-                overrides=[_with_mapping_prefix(override) for override in overrides],
+                overrides=[_with_mapping_prefix(override, mappings) for override in overrides],
             )
     except ConfigCompositionException as error:
         unknown = re.match(r"Could not override '([^']+)'", str(error))
-        if unknown is None or unknown.group(1) in setting_names(Config()):
+        if unknown is None or unknown.group(1) in setting_names():
             raise
         raise ConfigError(unknown_setting_message(unknown.group(1))) from None
     try:

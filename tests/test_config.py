@@ -11,7 +11,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue, ValidationError
 
-from mol_props.config import MAPPING_SETTINGS, Config, compose_config, config_dir, to_flat_dict
+from mol_props.config import Config, compose_config, config_dir, mapping_settings, to_flat_dict
 from mol_props.errors import ConfigError
 
 # Options that cannot compose alone, with the value each needs (as configs/data/csv.yaml shows).
@@ -86,19 +86,7 @@ def test_a_mapping_setting_takes_the_form_people_type(prefix: str):
     assert merged.data.label_map == {"BBB+": 1.0, "BBB-": 0.0, "active": 1.0, "inactive": 0.0}
     served = compose_config([f"{prefix}serving.python_backend={{shm-default-byte-size: 1000}}"])
     assert served.serving.python_backend["shm-default-byte-size"] == "1000"
-    assert set(MAPPING_SETTINGS) == set(mapping_settings(compose_config([]))), "list them all"
-
-
-def mapping_settings(node: object, prefix: str = "") -> list[str]:
-    """Dotted names of every mapping-valued setting under a config dataclass."""
-    names = []
-    for setting in dataclasses.fields(node):
-        value, name = getattr(node, setting.name), f"{prefix}{setting.name}"
-        if isinstance(value, dict):
-            names.append(name)
-        elif dataclasses.is_dataclass(value):
-            names.extend(mapping_settings(value, f"{name}."))
-    return names
+    assert mapping_settings() == {"data.label_map", "serving.python_backend"}
 
 
 @pytest.mark.parametrize(
