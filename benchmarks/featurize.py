@@ -23,6 +23,7 @@ path). The table is read from data/raw when present, else from the installed `qc
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 import multiprocessing
 import os
@@ -107,9 +108,19 @@ def measure(
     workers: int,
     repeats: int,
     with_keys: bool,
-) -> tuple[Measurement, list[MoleculeGraph | FeaturizationError]]:
+) -> tuple[Measurement, str]:
+    """The fastest of `repeats` runs, and the digest of the results (the same every run).
+
+    Each run's results are reduced to their digest and freed before the next run starts, as a
+    command that featurizes a table once would hold nothing from an earlier run. Holding them
+    (as this script did, the one-worker run's results too, until 2026-11-27) cost the all-core
+    runs ~30% on this machine: 2,900-3,100 vs 4,100-4,300 molecules/s, runs alternated in one
+    process (a scratch script). Our reading: the workers are forked from this process, and a
+    parent heap strewn with thousands of small live arrays hands them a heap where their
+    allocations land on scattered pages (one process keeping its own results slows the same
+    way)."""
     best: Measurement | None = None
-    results: list[MoleculeGraph | FeaturizationError] = []
+    digest = ""
     for _ in range(repeats):
         cpu_start, wall_start = cpu_seconds(), time.perf_counter()
         results = featurize_parallel(
@@ -130,30 +141,28 @@ def measure(
                 cpu_s=cpu_s,
                 load_average=os.getloadavg()[0],
             )
+        run_digest = results_digest(results)
+        del results  # before the next run (see above)
+        if digest and run_digest != digest:
+            raise SystemExit(f"{workers} worker(s): the repeats gave different results")
+        digest = run_digest
     assert best is not None, "repeats must be >= 1"
-    return best, results
+    return best, digest
 
 
-def same_results(
-    first: list[MoleculeGraph | FeaturizationError],
-    second: list[MoleculeGraph | FeaturizationError],
-) -> bool:
-    """True when both runs gave the same graphs and the same errors, molecule by molecule."""
-    if len(first) != len(second):
-        return False
-    for one, other in zip(first, second):
-        if isinstance(one, FeaturizationError) or isinstance(other, FeaturizationError):
-            if str(one) != str(other):
-                return False
+def results_digest(results: list[MoleculeGraph | FeaturizationError]) -> str:
+    """SHA-256 over every molecule's arrays (shapes, dtypes, bytes), keys and errors, in order:
+    two runs have the same digest when they gave the same graphs and the same errors."""
+    digest = hashlib.sha256()
+    for result in results:
+        if isinstance(result, FeaturizationError):
+            digest.update(f"error {result}".encode())
             continue
-        if not (
-            np.array_equal(one.atom_features, other.atom_features)
-            and np.array_equal(one.adjacency, other.adjacency)
-            and np.array_equal(one.descriptors, other.descriptors)
-            and (one.canonical_smiles, one.scaffold) == (other.canonical_smiles, other.scaffold)
-        ):
-            return False
-    return True
+        for array in (result.atom_features, result.adjacency, result.descriptors):
+            digest.update(f"{array.shape} {array.dtype}".encode())
+            digest.update(np.ascontiguousarray(array).tobytes())
+        digest.update(f"{result.canonical_smiles} {result.scaffold}".encode())
+    return digest.hexdigest()
 
 
 def report(measurement: Measurement) -> str:
@@ -176,7 +185,7 @@ def main(*overrides: str, repeats: int = 3, with_keys: bool = False) -> None:
     featurize_parallel(smiles[:WARMUP_MOLECULES], config.preprocess, num_workers=1, progress=False)
     parse_rate = parse_only_rate(smiles, repeats)
     print(f"RDKit Chem.MolFromSmiles alone, 1 process: {parse_rate:8,.0f} molecules/s")
-    serial, serial_results = measure(smiles, config.preprocess, 1, repeats, with_keys)
+    serial, serial_digest = measure(smiles, config.preprocess, 1, repeats, with_keys)
     print(report(serial))
     rest = "atom rows, adjacency, descriptors" + (
         ", canonical SMILES, scaffolds" if with_keys else ""
@@ -185,9 +194,9 @@ def main(*overrides: str, repeats: int = 3, with_keys: bool = False) -> None:
         f"1 worker featurizes at {serial.molecules_per_s / parse_rate:.0%} of the parse-only rate "
         f"(the rest: {rest})"
     )
-    parallel, parallel_results = measure(smiles, config.preprocess, cores, repeats, with_keys)
+    parallel, parallel_digest = measure(smiles, config.preprocess, cores, repeats, with_keys)
     print(report(parallel))
-    identical = same_results(serial_results, parallel_results)
+    identical = parallel_digest == serial_digest
     print(f"all-core results identical to the 1-worker results: {identical}")
     verdict = "meets" if parallel.molecules_per_s >= TARGET_MOLECULES_PER_S else "misses"
     print(
