@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import fire
-import numpy as np
 from rdkit import Chem, rdBase
 
 from mol_props.commands import reported_errors
@@ -160,7 +159,7 @@ def results_digest(results: list[MoleculeGraph | FeaturizationError]) -> str:
             continue
         for array in (result.atom_features, result.adjacency, result.descriptors):
             digest.update(f"{array.shape} {array.dtype}".encode())
-            digest.update(np.ascontiguousarray(array).tobytes())
+            digest.update(array.tobytes())  # C order, views included
         digest.update(f"{result.canonical_smiles} {result.scaffold}".encode())
     return digest.hexdigest()
 

@@ -8,7 +8,6 @@ a typo in an override (`model.hiden_dim=3`) or a wrong type an error, not a sile
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -388,6 +387,8 @@ def _with_mapping_prefix(override: str, mappings: set[str]) -> str:
 def unknown_setting_message(key: str) -> str:
     """For an override of a setting that does not exist. Hydra's own message suggests adding it
     with `+`, which fails in turn; a typo wants the setting's real name."""
+    import difflib  # only on this error path, not in every command's start-up
+
     known = setting_names()
     message = f"{key}: no such setting"
     # Not the key's own section ("train" for train.zzz): its settings are listed below instead.
