@@ -148,6 +148,11 @@ def main(
             work = Path(scratch) / "pretrain"
             shutil.copytree(REPO_ROOT / "triton_repo", work / "triton_repo")
             shared = [item for item in extra if item.startswith(("model.", "preprocess."))]
+            # The weights must fit the fine-tuned model: train=small_data turns atom counts off.
+            from mol_props.config import compose_config
+
+            atom_counts = compose_config(overrides).model.atom_counts
+            shared.append(f"model.atom_counts={str(atom_counts).lower()}")
             table = pretraining_table(splits, Path(scratch) / "pretrain.csv", shared)
             result = run_seed("classification", 0, table, shared, work)
             print(f"pretrained classifier: roc_auc={result['roc_auc']:.3f}", flush=True)

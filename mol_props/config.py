@@ -100,6 +100,8 @@ class ModelConfig:
     fingerprint_hidden_dim: int = 0
     fingerprint_dropout: float = 0.5
     fingerprint_weight: float = 0.3  # its share of the averaged output
+    # log1p of each atom one-hot slot counted over the molecule, into the descriptor MLP.
+    atom_counts: bool = False
     head_hidden_dim: int = MISSING
     head_layers: int = MISSING
 

@@ -3,8 +3,12 @@
     atom_features [B, N, F] --embed--> h [B, N, H]
         -> num_layers x (DenseGINConv | DenseGraphConv, LayerNorm, ReLU, dropout, residual)
         -> masked mean pool                                     [B, H]
-    descriptors   [B, D] --standardize, MLP-->                  [B, Hd]
+    [standardized descriptors [B, D], log1p(atom counts) [B, F-1]] --MLP-->  [B, Hd]
     concat -> MLP head -> logits / standardized values          [B, T]   (the GNN member)
+
+Atom counts (`model.atom_counts`) are each atom column but the mass summed over the real atoms:
+how many aromatic carbons, sp3 nitrogens, charged atoms... Mean pooling describes the typical atom
+and loses these amounts; computed inside the model, they cost the featurizer nothing.
 
 With Morgan counts in the descriptor vector and `model.fingerprint_hidden_dim` > 0, a second
 member, an MLP on the standardized descriptors and log1p(counts), gives its own [B, T]; the model's
@@ -104,7 +108,13 @@ class MoleculeGNN(nn.Module):
         self.use_fingerprint = config.fingerprint_hidden_dim > 0 and fingerprint_size > 0
         # With a fingerprint member the counts go to it alone; the GNN keeps the descriptors.
         self.plain_size = descriptor_size - (fingerprint_size if self.use_fingerprint else 0)
-        self.use_descriptors = config.descriptor_hidden_dim > 0 and self.plain_size > 0
+        self.atom_counts = config.atom_counts and config.descriptor_hidden_dim > 0
+        # Atom counts skip the mass column (the last), the only one that is not 0/1.
+        self.count_size = atom_feature_size - 1 if self.atom_counts else 0
+        # The descriptor MLP reads the plain descriptors and the atom counts, whichever there are.
+        self.use_descriptors = (
+            config.descriptor_hidden_dim > 0 and self.plain_size + self.count_size > 0
+        )
         # Descriptor scaling is part of the model (and so of the ONNX graph): set from train data.
         self.register_buffer("descriptor_mean", torch.zeros(descriptor_size))
         self.register_buffer("descriptor_std", torch.ones(descriptor_size))
@@ -116,7 +126,7 @@ class MoleculeGNN(nn.Module):
         head_input = hidden * (2 if self.sum_pooling else 1)
         if self.use_descriptors:
             self.descriptor_mlp = nn.Sequential(
-                nn.Linear(self.plain_size, config.descriptor_hidden_dim),
+                nn.Linear(self.plain_size + self.count_size, config.descriptor_hidden_dim),
                 nn.ReLU(),
                 nn.Dropout(config.dropout),
                 nn.Linear(config.descriptor_hidden_dim, config.descriptor_hidden_dim),
@@ -195,6 +205,9 @@ class MoleculeGNN(nn.Module):
         if self.sum_pooling:
             # Scaled so a typical molecule (~25 heavy atoms) gives values near the mean's.
             pooled = torch.cat([pooled, summed / self.sum_pooling_scale], dim=-1)  # [B, 2H]
+        if self.atom_counts:
+            counts = (atom_features[..., :-1] * mask).sum(dim=1)  # [B, F - 1]
+            plain = torch.cat([plain, torch.log1p(counts)], dim=-1)  # [B, D' + F - 1]
         if self.use_descriptors:
             pooled = torch.cat([pooled, self.descriptor_mlp(plain)], dim=-1)  # [B, H + Hd]
         return self.head(pooled)  # [B, T]

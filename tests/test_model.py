@@ -13,9 +13,15 @@ from mol_props.model import MoleculeGNN, PredictionModel
 MOLECULES = ["CCO", "c1ccccc1O", "CC(=O)[O-]", "C[C@H](N)C(=O)O", "CN1C=NC2=C1C(=O)N(C(=O)N2C)C"]
 
 
-# Each model variant: the GNN alone with either convolution, and with the fingerprint member.
+# Each model variant: the GNN alone with either convolution (atom counts on, the default), without
+# atom counts, and with the fingerprint member.
 VARIANTS = {
     "gin": ["model.conv=gin", "model.fingerprint_hidden_dim=0"],
+    "gin-no-atom-counts": [
+        "model.conv=gin",
+        "model.fingerprint_hidden_dim=0",
+        "model.atom_counts=false",
+    ],
     "graph": ["model.conv=graph", "model.fingerprint_hidden_dim=0"],
     "gin+fingerprint": [
         "model.conv=gin",
@@ -151,3 +157,45 @@ def test_fingerprint_member_is_averaged_with_the_gnn():
         changed = model.member_outputs(*tensors)
     torch.testing.assert_close(changed[..., 0], members[..., 0])
     assert not torch.allclose(changed[..., 1], members[..., 1])
+
+
+class _InputRecorder(torch.nn.Module):
+    """Stands in for the descriptor MLP's first layer: keeps what it is given."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(values)
+        return self.layer(values)
+
+
+@pytest.mark.parametrize("atom_counts", [True, False])
+def test_atom_counts_are_log1p_of_each_slot_over_real_atoms(atom_counts: bool):
+    config = compose_config([f"model.atom_counts={str(atom_counts).lower()}"])
+    featurizer = Featurizer(config.preprocess)
+    model = MoleculeGNN(
+        featurizer.atom_feature_size, featurizer.descriptor_size, 1, config.model
+    ).eval()
+    recorder = _InputRecorder(model.descriptor_mlp[0])
+    model.descriptor_mlp[0] = recorder
+    graphs = [featurizer(smiles) for smiles in MOLECULES]
+    inputs = pad_graphs(graphs, 32, featurizer.descriptor_size, len(featurizer)).as_inputs()
+    inputs["atom_features"][inputs["atom_mask"] == 0] = 7.0  # garbage in the padding rows
+    _run(model, inputs)
+    (seen,) = recorder.inputs  # [B, D + F - 1] or [B, D]
+    scaled = (torch.from_numpy(inputs["descriptors"]) - model.descriptor_mean) / (
+        model.descriptor_std
+    )
+    torch.testing.assert_close(seen[:, : featurizer.descriptor_size], scaled)
+    if not atom_counts:
+        assert seen.shape[1] == featurizer.descriptor_size
+        return
+    # Ethanol: 2 carbons, 1 oxygen; every atom column but the mass (the last) counted.
+    expected = np.stack([graph.atom_features[:, :-1].sum(axis=0) for graph in graphs])
+    assert expected[0, featurizer.config.atom.elements.index(6)] == 2
+    torch.testing.assert_close(
+        seen[:, featurizer.descriptor_size :], torch.log1p(torch.from_numpy(expected))
+    )
