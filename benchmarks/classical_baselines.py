@@ -33,7 +33,7 @@ from train_quality import REPO_ROOT, SPLITS
 from mol_props.commands import reported_errors
 from mol_props.config import compose_config
 from mol_props.featurize import MoleculeGraph, featurize_parallel
-from mol_props.metrics import roc_auc
+from mol_props.metrics import regression_metrics, roc_auc
 
 METRIC = {"classification": "ROC-AUC", "regression": "RMSE"}
 FOREST_TREES = 500
@@ -101,7 +101,7 @@ def predict(model, features: np.ndarray, task: str) -> np.ndarray:
 def score(task: str, labels: np.ndarray, predictions: np.ndarray) -> float:
     if task == "classification":
         return roc_auc(labels, predictions)
-    return float(np.sqrt(np.mean((predictions - labels) ** 2)))
+    return regression_metrics(labels, predictions)["rmse"]
 
 
 def mean_std(values: list[float]) -> str:

@@ -7,7 +7,8 @@
         --pretrain --extra_finetune='["train.learning_rate=0.001"]'
 
 With --pretrain (regression), a classifier is first trained once (seed 0, default training
-settings, the `model.`/`preprocess.` overrides of --extra) on the classification benchmark table
+settings, the model and featurizer settings the fine-tuned model gets from --extra and
+--extra_finetune, presets included) on the classification benchmark table
 minus every molecule of the regression split's val and test rows (by canonical SMILES), and each
 seed starts from its weights (`train.init_from`).
 
@@ -81,6 +82,21 @@ def run_seed(task: str, seed: int, data_path: Path, extra: list[str], work: Path
     return {"seed": seed, "seconds": seconds, **metrics}
 
 
+def model_overrides(overrides: list[str]) -> list[str]:
+    """The model and featurizer settings that `overrides` give (presets included: train=small_data
+    turns atom counts off) where they differ from the defaults, as overrides: a classifier trained
+    with them has the tensors of the model fine-tuned from its weights."""
+    from mol_props.config import compose_config, to_flat_dict
+
+    default = to_flat_dict(compose_config([]))
+    wanted = to_flat_dict(compose_config(overrides))
+    return [
+        f"{name}={value}"
+        for name, value in wanted.items()
+        if name.startswith(("model.", "preprocess.")) and value != default[name]
+    ]
+
+
 def pretraining_table(benchmark_dir: Path, destination: Path, overrides: list[str]) -> Path:
     """The classification table without the regression split's val and test molecules, matched
     by the canonical SMILES `mol_props train` itself uses to find duplicates (salts included)."""
@@ -147,12 +163,7 @@ def main(
                 raise SystemExit("--pretrain starts the regression model from a classifier")
             work = Path(scratch) / "pretrain"
             shutil.copytree(REPO_ROOT / "triton_repo", work / "triton_repo")
-            shared = [item for item in extra if item.startswith(("model.", "preprocess."))]
-            # The weights must fit the fine-tuned model: train=small_data turns atom counts off.
-            from mol_props.config import compose_config
-
-            atom_counts = compose_config(overrides).model.atom_counts
-            shared.append(f"model.atom_counts={str(atom_counts).lower()}")
+            shared = model_overrides(overrides)
             table = pretraining_table(splits, Path(scratch) / "pretrain.csv", shared)
             result = run_seed("classification", 0, table, shared, work)
             print(f"pretrained classifier: roc_auc={result['roc_auc']:.3f}", flush=True)

@@ -108,9 +108,9 @@ class MoleculeGNN(nn.Module):
         self.use_fingerprint = config.fingerprint_hidden_dim > 0 and fingerprint_size > 0
         # With a fingerprint member the counts go to it alone; the GNN keeps the descriptors.
         self.plain_size = descriptor_size - (fingerprint_size if self.use_fingerprint else 0)
-        self.atom_counts = config.atom_counts and config.descriptor_hidden_dim > 0
+        self.use_atom_counts = config.atom_counts and config.descriptor_hidden_dim > 0
         # Atom counts skip the mass column (the last), the only one that is not 0/1.
-        self.count_size = atom_feature_size - 1 if self.atom_counts else 0
+        self.count_size = atom_feature_size - 1 if self.use_atom_counts else 0
         # The descriptor MLP reads the plain descriptors and the atom counts, whichever there are.
         self.use_descriptors = (
             config.descriptor_hidden_dim > 0 and self.plain_size + self.count_size > 0
@@ -205,7 +205,7 @@ class MoleculeGNN(nn.Module):
         if self.sum_pooling:
             # Scaled so a typical molecule (~25 heavy atoms) gives values near the mean's.
             pooled = torch.cat([pooled, summed / self.sum_pooling_scale], dim=-1)  # [B, 2H]
-        if self.atom_counts:
+        if self.use_atom_counts:
             counts = (atom_features[..., :-1] * mask).sum(dim=1)  # [B, F - 1]
             plain = torch.cat([plain, torch.log1p(counts)], dim=-1)  # [B, D' + F - 1]
         if self.use_descriptors:
