@@ -659,11 +659,14 @@ def evaluation_figures(
     targets: np.ndarray, values: np.ndarray, task: str, target_names: list[str], directory: Path
 ) -> list[Path]:
     """Test-set figures per target: in `directory` itself for one target, else in a folder
-    named after each target (`plots/<run>/logBB/parity.png`)."""
+    named after each target (`plots/<run>/logBB/parity.png`). A target with no label among
+    these molecules (an auxiliary target labelled only in train) gets none."""
     paths = []
     folders = plots.target_folders(target_names)
     for k, name in enumerate(target_names):
         present = ~np.isnan(targets[:, k])
+        if not present.any():
+            continue
         target_dir = directory if len(target_names) == 1 else directory / folders[k]
         target_dir.mkdir(exist_ok=True)
         draw = (

@@ -38,6 +38,16 @@ def test_each_target_gets_its_figures_in_a_folder_named_after_it(tmp_path: Path)
     assert all(path.stat().st_size > 0 for path in paths)
 
 
+def test_a_target_without_test_labels_gets_no_figures_and_the_others_still_do(tmp_path: Path):
+    values = np.array([[-1.2, np.nan], [0.3, np.nan], [0.8, np.nan], [-0.4, np.nan]])
+    predictions = np.array([[-1.0, 0.9], [0.1, 0.2], [0.7, 0.8], [-0.2, 0.1]])
+    paths = evaluation_figures(values, predictions, "regression", ["logBB", "bbb"], tmp_path)
+    assert sorted(path.relative_to(tmp_path).as_posix() for path in paths) == [
+        "logBB/parity.png",
+        "logBB/residuals.png",
+    ]
+
+
 def test_one_target_writes_into_the_run_folder(tmp_path: Path):
     labels = np.array([[0.0], [1.0], [1.0], [0.0], [1.0]])
     probabilities = np.array([[0.2], [0.9], [0.6], [0.4], [0.7]])
