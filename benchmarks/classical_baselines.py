@@ -21,14 +21,13 @@ The GNN's own figures, from `benchmarks/train_quality.py`, are in the README.
 from __future__ import annotations
 
 import csv
-import statistics
 import time
 from pathlib import Path
 from typing import Callable
 
 import fire
 import numpy as np
-from train_quality import REPO_ROOT, SPLITS
+from train_quality import REPO_ROOT, SPLITS, mean_std
 
 from mol_props.commands import reported_errors
 from mol_props.config import compose_config
@@ -102,11 +101,6 @@ def score(task: str, labels: np.ndarray, predictions: np.ndarray) -> float:
     if task == "classification":
         return roc_auc(labels, predictions)
     return regression_metrics(labels, predictions)["rmse"]
-
-
-def mean_std(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
 
 
 def main(

@@ -29,7 +29,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import itertools
-import multiprocessing
 import os
 import statistics
 import subprocess
@@ -41,7 +40,7 @@ from pathlib import Path
 
 import fire
 import psutil
-from rdkit import Chem, rdBase
+from featurize import parse_only_rate
 
 from mol_props.config import compose_config
 from mol_props.featurize import MoleculeGraph, pad_graphs
@@ -54,7 +53,6 @@ TARGET_PEAK_MEMORY_MB = 1024.0
 SAMPLE_INTERVAL_S = 0.1  # how often the memory of the command's processes is sampled
 IN_PROCESS_MOLECULES = 4000  # for the bucket comparison
 TIMELINE_POINTS = 8  # memory samples printed for the long run
-PARSE_CHUNK = 256  # SMILES per task when timing RDKit's parser alone on every core
 
 
 @dataclasses.dataclass
@@ -223,7 +221,8 @@ def throughput(command: list[str], overrides: list[str], smiles: list[str], rows
         f"   target >= {TARGET_MOLECULES_PER_S:,.0f} molecules/s: "
         f"{verdict(rate >= TARGET_MOLECULES_PER_S)} ({os.cpu_count()} CPU cores here)"
     )
-    parse_rate = parse_only_rate(list(itertools.islice(itertools.cycle(smiles), rows)))
+    rows_smiles = list(itertools.islice(itertools.cycle(smiles), rows))
+    parse_rate = parse_only_rate(rows_smiles, repeats=3, processes=os.cpu_count() or 1)
     allowed_s = rows / TARGET_MOLECULES_PER_S
     print(
         f"   floor: RDKit Chem.MolFromSmiles alone on {os.cpu_count()} processes parses these "
@@ -231,26 +230,6 @@ def throughput(command: list[str], overrides: list[str], smiles: list[str], rows
         f"{rows / parse_rate / allowed_s:.0%} of the {allowed_s:.1f} s the target allows for "
         "start-up, parsing, featurizing, the model, reading and writing"
     )
-
-
-def _parse_count(chunk: list[str]) -> int:
-    with rdBase.BlockLogs():
-        return sum(Chem.MolFromSmiles(text) is not None for text in chunk)
-
-
-def parse_only_rate(smiles: list[str], repeats: int = 3) -> float:
-    """Molecules/s of RDKit's SMILES parser alone over `smiles` on every core (best of
-    `repeats`, worker start-up excluded)."""
-    chunks = [smiles[start : start + PARSE_CHUNK] for start in range(0, len(smiles), PARSE_CHUNK)]
-    context = multiprocessing.get_context("fork")
-    best_s = float("inf")
-    with context.Pool(os.cpu_count()) as pool:
-        pool.map(_parse_count, chunks[: os.cpu_count()])  # workers up, RDKit's tables built
-        for _ in range(repeats):
-            started = time.perf_counter()
-            pool.map(_parse_count, chunks)
-            best_s = min(best_s, time.perf_counter() - started)
-    return len(smiles) / best_s
 
 
 def memory(

@@ -40,6 +40,12 @@ MAIN_METRIC = {"classification": "roc_auc", "regression": "rmse"}
 CHEMPROP = {"classification": "ROC-AUC 0.784 in 10.5 min", "regression": "RMSE 0.696 in 1.3 min"}
 
 
+def mean_std(values: list[float]) -> str:
+    """ "mean ± std" to 3 decimals (std 0 for one value)."""
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
+
+
 def split_overrides(task: str, data_path: Path) -> list[str]:
     return [
         "data=csv",
@@ -177,9 +183,8 @@ def main(
             print(f"seed {seed}: {others}", flush=True)
     values = [result[metric] for result in results]
     seconds = [result["seconds"] for result in results]
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
     print(
-        f"{task}: test {metric} {statistics.mean(values):.3f} ± {spread:.3f} over seeds "
+        f"{task}: test {metric} {mean_std(values)} over seeds "
         f"{list(seeds)}; wall time per `mol_props train` {statistics.mean(seconds):.0f} s "
         f"(max {max(seconds):.0f} s); chemprop 2.3.1 on this split: {CHEMPROP[task]}"
     )
