@@ -70,6 +70,12 @@ _SP3 = int(Chem.rdchem.HybridizationType.SP3)
 _OTHER_HYBRIDIZATION = -1  # placeholder until an atom that is neither SP2 nor SP3 is read
 # An isotope can only be written at the start of a bracket atom: "[13C]", "[2H]".
 _ISOTOPE = re.compile(r"\[\d")
+# RDKit's SMILES parser logs "SMILES Parse Error: unclosed ring for input: 'C1CC'", or
+# "... syntax error while parsing: C((C" then "... check for mistakes around position 3:".
+_RDKIT_PARSE_PROBLEM = re.compile(
+    r"SMILES Parse Error: (?!Failed parsing)(.+?) (?:while parsing|for input):"
+)
+_RDKIT_PARSE_POSITION = re.compile(r"around position (\d+)")
 
 
 class FeaturizationError(MolPropsError, ValueError):
@@ -266,7 +272,7 @@ class Featurizer:
             )
         if not text.isascii():
             # RDKit skips such characters: "CCOé" would be read as ethanol.
-            position, character = next((i, c) for i, c in enumerate(text) if not c.isascii())
+            position, character = next((i, c) for i, c in enumerate(smiles) if not c.isascii())
             raise FeaturizationError(
                 smiles,
                 f"SMILES contains {character!r} (position {position + 1}), not a SMILES "
@@ -274,7 +280,9 @@ class Featurizer:
             )
         molecule = Chem.MolFromSmiles(text)
         if molecule is None:
-            raise FeaturizationError(smiles, _parse_failure_reason(text))
+            # Positions count from the SMILES as given, leading whitespace included.
+            leading_whitespace = len(smiles) - len(smiles.lstrip())
+            raise FeaturizationError(smiles, _parse_failure_reason(text, leading_whitespace))
         if "." in text:
             molecule = self._choose_fragment(smiles, molecule)
         num_atoms = molecule.GetNumAtoms()
@@ -519,15 +527,33 @@ def _garbage_collection_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _parse_failure_reason(text: str) -> str:
-    """Why RDKit rejected a SMILES: a syntax error, or the chemistry problem it found."""
-    unsanitized = Chem.MolFromSmiles(text, sanitize=False)
+def _parse_failure_reason(text: str, position_offset: int = 0) -> str:
+    """Why RDKit rejected a SMILES: the syntax problem it reported (a position in it moved by
+    `position_offset`), or the chemistry problem it found."""
+    # RDKit says what is wrong with a SMILES only in its error log, which featurization blocks;
+    # CaptureErrorLog (not in every RDKit that pyproject allows) takes it even while blocked.
+    capture_error_log = getattr(rdBase, "CaptureErrorLog", contextlib.nullcontext)
+    with capture_error_log() as capture:
+        unsanitized = Chem.MolFromSmiles(text, sanitize=False)
     if unsanitized is None:
-        return "unparsable SMILES (syntax error)"
+        log = getattr(capture, "messages", "")
+        return f"unparsable SMILES ({_syntax_problem(log, position_offset)})"
     problems = Chem.DetectChemistryProblems(unsanitized)
     if problems:
         return f"invalid chemistry: {problems[0].Message()}"
     return "unparsable SMILES"
+
+
+def _syntax_problem(log: str, position_offset: int) -> str:
+    """RDKit's words for a SMILES syntax error, from its error log: "unclosed ring", "extra close
+    parentheses at position 3", "syntax error at position 5"; "syntax error" if it said none."""
+    problem = _RDKIT_PARSE_PROBLEM.search(log)
+    if problem is None:
+        return "syntax error"
+    position = _RDKIT_PARSE_POSITION.search(log)
+    if position is None:
+        return problem.group(1)
+    return f"{problem.group(1)} at position {int(position.group(1)) + position_offset}"
 
 
 def pad_graphs(

@@ -15,7 +15,7 @@ import pickle
 
 import numpy as np
 import pytest
-from rdkit import Chem
+from rdkit import Chem, rdBase
 
 from mol_props.config import PreprocessConfig, compose_config
 from mol_props.featurize import (
@@ -23,6 +23,7 @@ from mol_props.featurize import (
     Featurizer,
     MoleculeGraph,
     _PackedChunk,
+    _syntax_problem,
     featurize_parallel,
     pad_graphs,
 )
@@ -368,10 +369,13 @@ def test_too_many_atoms(preprocess: PreprocessConfig):
 @pytest.mark.parametrize(
     ("smiles", "reason"),
     [
-        ("C1CC", "syntax error"),
-        ("CC(", "syntax error"),
+        ("C1CC", "unparsable SMILES (unclosed ring)"),
+        ("CC(", "unparsable SMILES (syntax error at position 3)"),
+        ("CC)C", "unparsable SMILES (extra close parentheses at position 3)"),
+        ("C12CC12", "ring closure 2 duplicates bond between atom 0 and atom 2"),
+        ("  C((C", "syntax error at position 5"),  # counted in the SMILES as given
         ("not a molecule", "whitespace"),
-        ("xyz", "syntax error"),
+        ("xyz", "unparsable SMILES (syntax error at position 1)"),
         ("C(C)(C)(C)(C)C", "invalid chemistry: Explicit valence"),
         ("c1cccc1", "invalid chemistry: Can't kekulize"),
         ("", "empty SMILES"),
@@ -386,6 +390,21 @@ def test_refused_with_a_reason(featurizer: Featurizer, smiles: str, reason: str)
     error = featurize_or_error(featurizer, smiles)
     assert reason in error.reason
     assert error.smiles == smiles
+
+
+def test_a_syntax_error_without_rdkit_words_still_gets_a_reason():
+    assert _syntax_problem("", position_offset=0) == "syntax error"
+    log = "SMILES Parse Error: Failed parsing SMILES 'C((C' for input: 'C((C'\n"
+    assert _syntax_problem(log, position_offset=0) == "syntax error"
+
+
+def test_without_rdkits_error_log_capture_the_reason_is_a_syntax_error(
+    featurizer: Featurizer, monkeypatch: pytest.MonkeyPatch
+):
+    # RDKit releases before CaptureErrorLog, which pyproject still allows.
+    monkeypatch.delattr(rdBase, "CaptureErrorLog")
+    error = featurize_or_error(featurizer, "C1CC")
+    assert error.reason == "unparsable SMILES (syntax error)"
 
 
 def test_internal_whitespace_is_not_read_as_the_first_word(featurizer: Featurizer):
