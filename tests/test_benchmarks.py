@@ -16,6 +16,7 @@ from tests.conftest import REPO_ROOT
         ("train_quality.py", ["--task=bogus"], "--task='bogus': choose one of"),
         ("train_quality.py", ["--benchmark_dir=/nonexistent"], "no b3db_classification"),
         ("featurize.py", ["bogus.key=1"], "error: bogus.key: no such setting"),
+        ("featurize.py", ["--runs=0"], "error: --runs=0 and --repeats=3 must be at least 1"),
         ("classical_baselines.py", ["--task=bogus"], "--task='bogus': choose one of"),
         ("classical_baselines.py", ["--fingerprint_size=0"], "must be at least 1"),
         (
