@@ -19,6 +19,7 @@ from rdkit import Chem, rdBase
 
 from mol_props.config import PreprocessConfig, compose_config
 from mol_props.featurize import (
+    DESCRIPTOR_FUNCTIONS,
     FeaturizationError,
     Featurizer,
     MoleculeGraph,
@@ -353,6 +354,38 @@ def test_atom_rows_match_reference_on_real_and_unusual_molecules(preprocess: Pre
         np.testing.assert_array_equal(
             Featurizer(preprocess)(text).atom_features, featurizer(text).atom_features
         )
+
+
+def test_descriptors_equal_rdkits_own_functions(preprocess: PreprocessConfig):
+    """NumHeteroatoms comes from the atom rows, not from RDKit: every descriptor must still be
+    RDKit's value, explicit hydrogens, isotopes, unknown elements and salts included."""
+    featurizer = Featurizer(preprocess)
+    assert featurizer._heteroatom_position is not None  # the default takes the atom-row path
+    smiles = [row["SMILES"] for row in b3db_rows(400)] + EDGE_CASES + ["[H][H]", "[2H]O[2H]"]
+    checked = 0
+    for text in smiles:
+        try:
+            graph = featurizer(text)
+        except FeaturizationError:
+            continue
+        molecule = featurizer.parse(text)
+        expected = [DESCRIPTOR_FUNCTIONS[name](molecule) for name in preprocess.descriptors]
+        np.testing.assert_array_equal(
+            graph.descriptors, np.array(expected, dtype=np.float32), err_msg=text
+        )
+        checked += 1
+    assert checked >= 400
+
+
+def test_heteroatoms_without_carbon_or_hydrogen_columns_come_from_rdkit(
+    preprocess: PreprocessConfig,
+):
+    # Without a column of their own, carbon atoms would share the unknown slot with the rest.
+    atom = dataclasses.replace(preprocess.atom, elements=[7, 8])
+    featurizer = Featurizer(with_settings(preprocess, atom=atom))
+    assert featurizer._heteroatom_position is None
+    assert descriptor(featurizer("CCO"), preprocess, "NumHeteroatoms") == 1
+    assert descriptor(featurizer("c1ccncc1[Si](C)(C)C"), preprocess, "NumHeteroatoms") == 2
 
 
 # ----------------------------------------------------------------------------- refusals
