@@ -12,6 +12,7 @@ import dataclasses
 import gc
 import itertools
 import pickle
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -131,6 +132,18 @@ def reference_adjacency(molecule: Chem.Mol) -> np.ndarray:
 
 def descriptor(graph: MoleculeGraph, config: PreprocessConfig, name: str) -> float:
     return float(graph.descriptors[config.descriptors.index(name)])
+
+
+def featurized_with_molecules(
+    featurizer: Featurizer, smiles: list[str]
+) -> Iterator[tuple[str, MoleculeGraph, Chem.Mol]]:
+    """(SMILES, graph, RDKit molecule) for each SMILES the featurizer accepts."""
+    for text in smiles:
+        try:
+            graph = featurizer(text)
+        except FeaturizationError:
+            continue
+        yield text, graph, featurizer.parse(text)
 
 
 def featurize_or_error(featurizer: Featurizer, smiles: str) -> FeaturizationError:
@@ -336,12 +349,7 @@ def test_atom_rows_match_reference_on_real_and_unusual_molecules(preprocess: Pre
     # its atom, later through the invariant-keyed cache.
     smiles = [row["SMILES"] for row in b3db_rows(400)] + EDGE_CASES
     checked = 0
-    for text in smiles:
-        try:
-            graph = featurizer(text)
-        except FeaturizationError:
-            continue
-        molecule = featurizer.parse(text)
+    for text, graph, molecule in featurized_with_molecules(featurizer, smiles):
         expected = np.stack([reference_atom_row(atom, preprocess) for atom in molecule.GetAtoms()])
         np.testing.assert_array_equal(graph.atom_features, expected, err_msg=text)
         # The public per-molecule method (no hints from the SMILES text) agrees as well.
@@ -363,12 +371,7 @@ def test_descriptors_equal_rdkits_own_functions(preprocess: PreprocessConfig):
     assert featurizer._heteroatom_position is not None  # the default takes the atom-row path
     smiles = [row["SMILES"] for row in b3db_rows(400)] + EDGE_CASES + ["[H][H]", "[2H]O[2H]"]
     checked = 0
-    for text in smiles:
-        try:
-            graph = featurizer(text)
-        except FeaturizationError:
-            continue
-        molecule = featurizer.parse(text)
+    for text, graph, molecule in featurized_with_molecules(featurizer, smiles):
         expected = [DESCRIPTOR_FUNCTIONS[name](molecule) for name in preprocess.descriptors]
         np.testing.assert_array_equal(
             graph.descriptors, np.array(expected, dtype=np.float32), err_msg=text
