@@ -208,20 +208,7 @@ class Featurizer:
             raise ConfigError(
                 f"preprocess.descriptors: {unknown} are not among {list(DESCRIPTOR_FUNCTIONS)}"
             )
-        # RDKit counts heteroatoms with a SMARTS match, ~10 us a molecule (a sixth of the 13
-        # default descriptors); the atom rows give the same count in ~3 us: the atoms less the
-        # carbon and hydrogen ones, when both elements have their own column.
-        self._heteroatom_position: int | None = None
-        if "NumHeteroatoms" in config.descriptors and {1, 6} <= set(atom.elements):
-            self._heteroatom_position = list(config.descriptors).index("NumHeteroatoms")
-            # The element group comes first: an element's slot is its column.
-            self._carbon_column = list(atom.elements).index(6)
-            self._hydrogen_column = list(atom.elements).index(1)
-        self._descriptor_functions = [
-            DESCRIPTOR_FUNCTIONS[name]
-            for position, name in enumerate(config.descriptors)
-            if position != self._heteroatom_position
-        ]
+        self._descriptor_functions = [DESCRIPTOR_FUNCTIONS[name] for name in config.descriptors]
         self._fingerprint = (
             rdFingerprintGenerator.GetMorganGenerator(
                 radius=config.fingerprint.radius, fpSize=config.fingerprint.size
@@ -229,7 +216,7 @@ class Featurizer:
             if config.fingerprint.size > 0
             else None
         )
-        self.descriptor_size = len(config.descriptors) + config.fingerprint.size
+        self.descriptor_size = len(self._descriptor_functions) + config.fingerprint.size
         self._periodic_table = Chem.GetPeriodicTable()
         self._rows: dict[tuple, np.ndarray] = {}
         # Rows of atom kinds met so far, by invariant key (see `_atom_features_by_invariants`):
@@ -456,23 +443,15 @@ class Featurizer:
             self._rows[key] = row
         return row
 
-    def molecule_descriptors(self, molecule: Chem.Mol, atom_features: np.ndarray) -> np.ndarray:
-        """[D] float32: the configured descriptors, then Morgan counts if enabled;
-        `atom_features` [n, F] are the molecule's atom rows."""
-        values = [function(molecule) for function in self._descriptor_functions]
-        if self._heteroatom_position is not None:
-            # Column views and count_nonzero: one fancy index over both columns costs ~7 us.
-            heteroatoms = (
-                len(atom_features)
-                - np.count_nonzero(atom_features[:, self._carbon_column])
-                - np.count_nonzero(atom_features[:, self._hydrogen_column])
-            )
-            values.insert(self._heteroatom_position, heteroatoms)
-        descriptors = np.array(values, dtype=np.float32)  # [D without the fingerprint]
+    def molecule_descriptors(self, molecule: Chem.Mol) -> np.ndarray:
+        """[D] float32: the configured descriptors, then Morgan counts if enabled."""
+        values = np.array(
+            [function(molecule) for function in self._descriptor_functions], dtype=np.float32
+        )
         if self._fingerprint is None:
-            return descriptors
+            return values
         counts = self._fingerprint.GetCountFingerprintAsNumPy(molecule)
-        return np.concatenate([descriptors, counts.astype(np.float32)])
+        return np.concatenate([values, counts.astype(np.float32)])
 
     def featurize_many(
         self, smiles: Iterable[str], with_keys: bool = False
@@ -509,10 +488,7 @@ class Featurizer:
             self._atom_rows(text, molecule, adjacency)
             for (_, text, molecule), adjacency in zip(parsed, adjacencies)
         ]
-        descriptors = [
-            self.molecule_descriptors(molecule, atoms)
-            for (_, _, molecule), atoms in zip(parsed, atom_features)
-        ]
+        descriptors = [self.molecule_descriptors(molecule) for _, _, molecule in parsed]
         for (position, _, molecule), atoms, adjacency, values in zip(
             parsed, atom_features, adjacencies, descriptors
         ):

@@ -12,7 +12,6 @@ import dataclasses
 import gc
 import itertools
 import pickle
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -20,7 +19,6 @@ from rdkit import Chem, rdBase
 
 from mol_props.config import PreprocessConfig, compose_config
 from mol_props.featurize import (
-    DESCRIPTOR_FUNCTIONS,
     FeaturizationError,
     Featurizer,
     MoleculeGraph,
@@ -132,18 +130,6 @@ def reference_adjacency(molecule: Chem.Mol) -> np.ndarray:
 
 def descriptor(graph: MoleculeGraph, config: PreprocessConfig, name: str) -> float:
     return float(graph.descriptors[config.descriptors.index(name)])
-
-
-def featurized_with_molecules(
-    featurizer: Featurizer, smiles: list[str]
-) -> Iterator[tuple[str, MoleculeGraph, Chem.Mol]]:
-    """(SMILES, graph, RDKit molecule) for each SMILES the featurizer accepts."""
-    for text in smiles:
-        try:
-            graph = featurizer(text)
-        except FeaturizationError:
-            continue
-        yield text, graph, featurizer.parse(text)
 
 
 def featurize_or_error(featurizer: Featurizer, smiles: str) -> FeaturizationError:
@@ -349,7 +335,12 @@ def test_atom_rows_match_reference_on_real_and_unusual_molecules(preprocess: Pre
     # its atom, later through the invariant-keyed cache.
     smiles = [row["SMILES"] for row in b3db_rows(400)] + EDGE_CASES
     checked = 0
-    for text, graph, molecule in featurized_with_molecules(featurizer, smiles):
+    for text in smiles:
+        try:
+            graph = featurizer(text)
+        except FeaturizationError:
+            continue
+        molecule = featurizer.parse(text)
         expected = np.stack([reference_atom_row(atom, preprocess) for atom in molecule.GetAtoms()])
         np.testing.assert_array_equal(graph.atom_features, expected, err_msg=text)
         # The public per-molecule method (no hints from the SMILES text) agrees as well.
@@ -362,33 +353,6 @@ def test_atom_rows_match_reference_on_real_and_unusual_molecules(preprocess: Pre
         np.testing.assert_array_equal(
             Featurizer(preprocess)(text).atom_features, featurizer(text).atom_features
         )
-
-
-def test_descriptors_equal_rdkits_own_functions(preprocess: PreprocessConfig):
-    """NumHeteroatoms comes from the atom rows, not from RDKit: every descriptor must still be
-    RDKit's value, explicit hydrogens, isotopes, unknown elements and salts included."""
-    featurizer = Featurizer(preprocess)
-    assert featurizer._heteroatom_position is not None  # the default takes the atom-row path
-    smiles = [row["SMILES"] for row in b3db_rows(400)] + EDGE_CASES + ["[H][H]", "[2H]O[2H]"]
-    checked = 0
-    for text, graph, molecule in featurized_with_molecules(featurizer, smiles):
-        expected = [DESCRIPTOR_FUNCTIONS[name](molecule) for name in preprocess.descriptors]
-        np.testing.assert_array_equal(
-            graph.descriptors, np.array(expected, dtype=np.float32), err_msg=text
-        )
-        checked += 1
-    assert checked >= 400
-
-
-def test_heteroatoms_without_carbon_or_hydrogen_columns_come_from_rdkit(
-    preprocess: PreprocessConfig,
-):
-    # Without a column of their own, carbon atoms would share the unknown slot with the rest.
-    atom = dataclasses.replace(preprocess.atom, elements=[7, 8])
-    featurizer = Featurizer(with_settings(preprocess, atom=atom))
-    assert featurizer._heteroatom_position is None
-    assert descriptor(featurizer("CCO"), preprocess, "NumHeteroatoms") == 1
-    assert descriptor(featurizer("c1ccncc1[Si](C)(C)C"), preprocess, "NumHeteroatoms") == 2
 
 
 # ----------------------------------------------------------------------------- refusals
