@@ -37,3 +37,32 @@ def test_a_bad_argument_is_one_error_line(script: str, arguments: list[str], mes
     assert process.returncode != 0
     assert message in process.stderr, process.stderr[-2000:]
     assert "Traceback" not in process.stderr
+
+
+def test_featurize_benchmark_runs_on_a_small_table(tmp_path):
+    table = tmp_path / "small.csv"
+    table.write_text(
+        "smiles,label\nCCO,1\nc1ccccc1,0\nCC(=O)Oc1ccccc1C(=O)O,1\nC[C@H](N)C(=O)O,0\nC1CC,1\n"
+    )
+    process = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "benchmarks" / "featurize.py"),
+            "data=csv",
+            f"data.path={table}",
+            "data.target_columns=[label]",
+            "--repeats=1",
+            "--runs=2",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert process.returncode == 0, process.stderr[-2000:]
+    # 5 SMILES, the unclosed ring refused: 4 featurized, the same with 1 worker and with all.
+    assert process.stdout.count("(5 in ") == 4  # 2 runs x (1 worker, all cores)
+    assert process.stdout.count("4 featurized") == 4
+    assert process.stdout.count("identical to the 1-worker results: True") == 2
+    assert "all cores, 2 runs: median" in process.stdout
+    assert "x the parse-only rate of one process (median)" in process.stdout
