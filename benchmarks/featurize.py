@@ -14,8 +14,9 @@ result, and prints the command line that reproduces the run.
 
 This machine's speed drifts by +-20-30% from minute to minute, so the script also times RDKit's
 `Chem.MolFromSmiles` alone on the same table, in one process, just before: the floor under any
-RDKit featurizer. The ratio of the one-worker rate to it compares runs made at different times
-(the issue that set the target measured ~6,900 parses/s per core on this machine). For the same
+RDKit featurizer. The ratio of the one-worker rate to it compares runs made at different times,
+and the all-core rate over it is also given at `REFERENCE_PARSE_RATE` (the issue that set the
+target measured ~6,900 parses/s per core on this machine). For the same
 reason one measurement says little about the code: `--runs=N` makes N of them in one process, one
 after another, and judges the target by their median.
 
