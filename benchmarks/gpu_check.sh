@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One short GPU check (a machine with CUDA and this project's environment): default training on
-# CUDA (EPOCHS caps it; the default config's own cap is 30, with early stopping), export, compare
-# ONNX Runtime with PyTorch, print each epoch's time and the total.
+# CUDA (EPOCHS caps it; the default config's own cap is 30, with early stopping; then the refit on
+# train + val), export, compare ONNX Runtime with PyTorch, print each epoch's time and the total.
 #   bash benchmarks/gpu_check.sh [EPOCHS] [ACCELERATOR]
 # ACCELERATOR defaults to cuda; `bash benchmarks/gpu_check.sh 1 cpu` rehearses the script on a
 # machine without a GPU.
@@ -37,14 +37,18 @@ import sys
 from pathlib import Path
 
 database = Path(sys.argv[1]) / "mlruns" / "mlflow.db"
-rows = sqlite3.connect(database).execute(
-    "select step, value from metrics where key = 'epoch_seconds' order by step"
-).fetchall()
-for step, seconds in rows:
-    print(f"epoch {step}: {seconds:.2f} s")
-if rows:
-    times = sorted(seconds for _, seconds in rows)
-    print(f"epochs: {len(rows)}, median {times[len(times) // 2]:.2f} s, sum {sum(times):.1f} s")
+for stage, key in (("epoch", "epoch_seconds"), ("refit epoch", "refit_epoch_seconds")):
+    rows = sqlite3.connect(database).execute(
+        "select step, value from metrics where key = ? order by step", (key,)
+    ).fetchall()
+    for step, seconds in rows:
+        print(f"{stage} {step}: {seconds:.2f} s")
+    if rows:
+        times = sorted(seconds for _, seconds in rows)
+        print(
+            f"{stage}s: {len(rows)}, median {times[len(times) // 2]:.2f} s, "
+            f"sum {sum(times):.1f} s"
+        )
 total = float(sys.argv[3]) - float(sys.argv[2])
 print(f"total (start-up, featurization, training, export + parity check): {total:.1f} s")
 PY

@@ -158,8 +158,10 @@ class Commands:
 
                 export.run(config)
         metrics = ", ".join(f"{name}={value:.4f}" for name, value in result.test_metrics.items())
+        refit = f", refit on train + val for {result.refit_epochs}" if result.refit_epochs else ""
         print(
-            f"done: {result.epochs_run} epochs; test {metrics or '(no test split)'}; "
+            f"done: {result.epochs_run} epochs (best {result.best_epoch}){refit}; "
+            f"test {metrics or '(no test split)'}; "
             f"model {result.checkpoint}; plots {result.run_directory}"
         )
 

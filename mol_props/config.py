@@ -117,6 +117,9 @@ class TrainConfig:
     warmup_fraction: float = MISSING
     gradient_clip: float = MISSING
     patience: int = MISSING  # epochs without validation improvement before stopping
+    # After early stopping has chosen the epoch count on val, train a fresh model on train + val
+    # for that many epochs and ship it (its test metrics are the run's).
+    refit: bool = MISSING
     accelerator: str = MISSING  # auto | cpu | cuda
     devices: int = MISSING
     precision: str = MISSING

@@ -190,6 +190,73 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, molecules_csv, monkeyp
     assert resumed.test_metrics == uninterrupted.test_metrics
 
 
+def test_a_run_interrupted_in_the_refit_resumes_it_without_training_again(
+    tmp_path, molecules_csv, monkeypatch
+):
+    settings = ("train.max_epochs=4", "train.refit=true")
+    uninterrupted = train.run(_config(tmp_path / "full", molecules_csv, *settings))
+    assert uninterrupted.refit_epochs == uninterrupted.best_epoch >= 1
+    expected = _weights(uninterrupted.checkpoint)
+
+    root = tmp_path / "interrupted"
+    # A refit checkpoint left by another run (here: the finished one) is not resumed by a new
+    # run: this run must train its own refit, or the interruption below never comes.
+    (root / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "full" / "checkpoints" / "refit_last.ckpt", root / "checkpoints")
+    real_train_epoch = train.train_epoch
+    calls = {"count": 0}
+    last_refit_epoch = uninterrupted.epochs_run + uninterrupted.refit_epochs
+
+    def count_then_die(*args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == last_refit_epoch:  # Ctrl-C in the refit's last epoch
+            raise KeyboardInterrupt
+        return real_train_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_epoch", count_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(_config(root, molecules_csv, *settings))
+    refit_state = torch.load(root / "checkpoints" / "refit_last.ckpt", weights_only=False)
+    assert refit_state["epoch"] == uninterrupted.refit_epochs - 1
+
+    calls["count"] = 0
+    monkeypatch.setattr(train, "train_epoch", count_then_die)
+    resumed = train.run(_config(root, molecules_csv, *settings, "train.resume=true"))
+    # The finished selection is not trained again: one epoch, the refit's last, remained.
+    assert calls["count"] == 1
+    assert (resumed.best_epoch, resumed.refit_epochs) == (
+        uninterrupted.best_epoch,
+        uninterrupted.refit_epochs,
+    )
+    actual = _weights(resumed.checkpoint)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+    assert resumed.test_metrics == uninterrupted.test_metrics
+
+
+def test_the_refit_trains_a_new_model_on_train_and_val(tmp_path, molecules_csv):
+    config = _config(tmp_path, molecules_csv, "train.refit=true")
+    result = train.run(config)
+    shipped = torch.load(result.checkpoint, map_location="cpu", weights_only=False)
+    assert shipped["trained_on"] == "train+val"
+    # Descriptor scaling comes from the molecules a model trains on: here train and val.
+    data = prepare_data(config.data, config.preprocess, progress=False)
+    rows = np.concatenate([data.splits["train"], data.splits["val"]])
+    descriptors = np.stack([data.graphs[i].descriptors for i in rows])
+    np.testing.assert_allclose(
+        shipped["model"]["descriptor_mean"].numpy(), descriptors.mean(axis=0), rtol=1e-6
+    )
+    selected = _weights(tmp_path / "checkpoints" / "best.ckpt")
+    assert not torch.equal(selected["head.0.weight"], shipped["model"]["head.0.weight"])
+
+    without = train.run(_config(tmp_path / "without", molecules_csv, "train.refit=false"))
+    kept = torch.load(without.checkpoint, map_location="cpu", weights_only=False)
+    assert kept["trained_on"] == "train" and without.refit_epochs == 0
+    best = _weights(tmp_path / "without" / "checkpoints" / "best.ckpt")
+    for name in best:
+        torch.testing.assert_close(kept["model"][name], best[name], rtol=0, atol=0, msg=name)
+
+
 def test_fingerprint_member_trains_and_exports_with_onnx_parity(tmp_path, molecules_csv):
     shutil.copytree(REPO_ROOT / "triton_repo", tmp_path / "triton_repo")  # export fills a copy
     config = _config(
@@ -441,6 +508,11 @@ def test_run_is_logged_to_a_real_mlflow_server(tmp_path, molecules_csv, mlflow_s
     assert run.data.metrics["test_roc_auc"] == pytest.approx(result.test_metrics["roc_auc"])
     for name in ("train_loss", "val_loss", "val_pr_auc", "val_mcc", "val_brier", "test_f1"):
         assert name in run.data.metrics, name
+    # The refit (on by default) logs its own epochs, and the selected model's test metrics beside.
+    refit_history = client.get_metric_history(run.info.run_id, "refit_train_loss")
+    assert [point.step for point in refit_history] == list(range(1, result.refit_epochs + 1))
+    assert "select_test_roc_auc" in run.data.metrics
+    assert run.data.metrics["best_epoch"] == result.best_epoch
     artifacts = {item.path for item in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/learning_curves.png", "plots/roc.png", "plots/calibration.png"} <= artifacts
     assert {item.path for item in client.list_artifacts(run.info.run_id, "model")} == {
