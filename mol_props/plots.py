@@ -32,8 +32,14 @@ def target_folders(target_names: list[str]) -> list[str]:
     return folders
 
 
-def learning_curves(history: list[dict[str, float]], metric: str, path: Path) -> Path:
-    """Train/val loss and the monitored validation metric per epoch."""
+def learning_curves(
+    history: list[dict[str, float]],
+    metric: str,
+    path: Path,
+    refit_history: list[dict[str, float]] | None = None,
+) -> Path:
+    """Train/val loss and the monitored validation metric per epoch; with `refit_history`, the
+    refit's training loss (train + val, no validation of its own) beside them."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -42,6 +48,10 @@ def learning_curves(history: list[dict[str, float]], metric: str, path: Path) ->
     # Markers: a run of one epoch is a point, which a bare line would not draw.
     loss_axis.plot(epochs, [row["train_loss"] for row in history], ".-", label="train")
     loss_axis.plot(epochs, [row["val_loss"] for row in history], ".-", label="val")
+    if refit_history:
+        refit_epochs = [row["epoch"] for row in refit_history]
+        refit_losses = [row["train_loss"] for row in refit_history]
+        loss_axis.plot(refit_epochs, refit_losses, ".--", label="refit (train + val)")
     loss_axis.set(xlabel="epoch", ylabel="loss", title="Loss")
     loss_axis.legend()
     values = [row.get(f"val_{metric}", np.nan) for row in history]

@@ -729,9 +729,11 @@ def _fit(
         best_epoch = int(state["best_epoch"]) or int(
             torch.load(select.best_path, map_location="cpu", weights_only=True)["epoch"]
         )
-        selected = trainee
+        selected, refit_history = trainee, None
         if settings.refit:
-            trainee = _refit(config, fabric, data, best_epoch, refit_last, monitored, tracker)
+            trainee, refit_history = _refit(
+                config, fabric, data, best_epoch, refit_last, monitored, tracker
+            )
     except BaseException as error:
         # MLflow's run statuses: stopped by the user, or failed.
         if status != "FAILED":
@@ -741,7 +743,11 @@ def _fit(
         raise
 
     test_metrics: dict[str, float] = {}
-    figure_paths = [plots.learning_curves(history, metric, run_directory / "learning_curves.png")]
+    figure_paths = [
+        plots.learning_curves(
+            history, metric, run_directory / "learning_curves.png", refit_history
+        )
+    ]
     if trainee.test_loader is not None:
         _, test_values, test_targets = predict(
             trainee.model, trainee.test_loader, task, trainee.scaling
@@ -803,7 +809,7 @@ def _refit(
     last_path: Path,
     monitored: tuple[str, bool],
     tracker: RunLogger | None,
-) -> Trainee:
+) -> tuple[Trainee, list[dict[str, float]]]:
     """A fresh model (same seed) trained on train + val for the epoch count that early stopping
     chose. It follows the selection's learning-rate schedule (spanning train.max_epochs) and stops
     where the best epoch did, so its weights are the best epoch's counterpart, with more data.
@@ -821,7 +827,7 @@ def _refit(
         _resume(fabric, trainee, state, last_path)
     stage = Stage("refit", epochs, last_path, best_path=None)
     _run_epochs(fabric, trainee, state, stage, config, data.target_names, monitored, tracker)
-    return trainee
+    return trainee, state["history"]
 
 
 def evaluation_figures(

@@ -54,3 +54,20 @@ def test_one_target_writes_into_the_run_folder(tmp_path: Path):
     paths = evaluation_figures(labels, probabilities, "classification", ["BBB+"], tmp_path)
     assert sorted(path.name for path in paths) == ["calibration.png", "pr.png", "roc.png"]
     assert {path.parent for path in paths} == {tmp_path}
+
+
+def test_learning_curves_draw_the_refit_loss_beside_the_selection(tmp_path: Path):
+    from matplotlib import image
+
+    from mol_props.plots import learning_curves
+
+    history = [
+        {"epoch": 1, "train_loss": 0.7, "val_loss": 0.6, "val_roc_auc": 0.7},
+        {"epoch": 2, "train_loss": 0.5, "val_loss": 0.55, "val_roc_auc": 0.8},
+    ]
+    refit = [{"epoch": 1, "train_loss": 0.65}]
+    alone = learning_curves(history, "roc_auc", tmp_path / "alone.png")
+    with_refit = learning_curves(history, "roc_auc", tmp_path / "refit.png", refit)
+    # Same size, different pixels: the refit's line and its legend entry are drawn.
+    assert image.imread(alone).shape == image.imread(with_refit).shape
+    assert not np.array_equal(image.imread(alone), image.imread(with_refit))
