@@ -458,10 +458,8 @@ def _set_up(
     fabric: Fabric,
     data: PreparedData,
     train_rows: np.ndarray,
-    schedule: TrainConfig,
 ) -> Trainee:
-    """A model trained on `train_rows`, its schedule from `schedule` (the train settings, with the
-    refit's epoch count for a refit)."""
+    """A fresh model, with its optimizer, schedule and loaders, to train on `train_rows`."""
     settings = config.train
     scaling = Scaling.fit(data.targets[train_rows], config.data.task)
     scaled_targets = ((data.targets - scaling.mean) / scaling.std).astype(np.float32)
@@ -492,7 +490,7 @@ def _set_up(
     optimizer = torch.optim.AdamW(
         network.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
     )
-    scheduler = make_scheduler(optimizer, schedule, len(train_loader))
+    scheduler = make_scheduler(optimizer, settings, len(train_loader))
     model, optimizer = fabric.setup(network, optimizer)
     model.mark_forward_method("member_outputs")  # the training step calls it
     # The train batch sampler splits batches across processes itself; evaluation runs whole
@@ -512,7 +510,7 @@ def _set_up(
         train_loader=train_loader,
         val_loader=val_loader,
         test_loader=test_loader,
-        schedule=schedule_settings(schedule, len(train_loader)),
+        schedule=schedule_settings(settings, len(train_loader)),
     )
 
 
@@ -524,9 +522,7 @@ def _new_state(trainee: Trainee) -> dict[str, object]:
         "scheduler": trainee.scheduler,
         "epoch": 0,
         "best_value": float("nan"),
-        "best_epoch": 0,
         "bad_epochs": 0,
-        "finished": False,  # the stage ran to its end (early stop or its last epoch)
         "history": [],
         "mlflow_run_id": "",
         # What the learning-rate schedule spans: a resumed run must continue the same one.
@@ -562,13 +558,22 @@ def _resume(fabric: Fabric, trainee: Trainee, state: dict[str, object], last_pat
 
 @dataclass
 class Stage:
-    """How one stage's epochs run: `select` validates every epoch, keeps the best weights and
-    stops early; `refit` trains on train + val (nothing left to validate on) for a fixed count."""
+    """How one stage's epochs run: the selection validates every epoch, keeps the best weights in
+    `best_path` and stops early; the refit (no `best_path`) trains on train + val, nothing left to
+    validate on, for a fixed count."""
 
-    name: str  # select | refit
     epochs: int  # the last epoch to run
     last_path: Path
-    best_path: Path | None  # select only: the best epoch's weights
+    best_path: Path | None = None
+
+    @property
+    def is_refit(self) -> bool:
+        return self.best_path is None
+
+    def finished(self, state: dict[str, object], patience: int) -> bool:
+        """Whether the stage in `state` has run to its end (last epoch, or an early stop)."""
+        stopped_early = not self.is_refit and state["bad_epochs"] >= patience
+        return stopped_early or state["epoch"] >= self.epochs
 
 
 def _run_epochs(
@@ -585,16 +590,17 @@ def _run_epochs(
     metric, higher_is_better = monitored
     from tqdm.auto import tqdm
 
+    finished = stage.finished(state, settings.patience)
     epochs = tqdm(
-        range(state["epoch"], stage.epochs if not state["finished"] else state["epoch"]),
+        range(state["epoch"], state["epoch"] if finished else stage.epochs),
         initial=state["epoch"],
         total=stage.epochs,
-        desc="train" if stage.name == "select" else "refit",
+        desc="refit" if stage.is_refit else "train",
         unit="epoch",
         disable=not (settings.progress and fabric.is_global_zero),
     )
     # MLflow keys: the refit's epochs beside the selection's, not over them.
-    prefix = "" if stage.name == "select" else "refit_"
+    prefix = "refit_" if stage.is_refit else ""
     try:
         for epoch in epochs:
             # Same seeds for the same epoch whether or not the run was resumed.
@@ -611,7 +617,7 @@ def _run_epochs(
                 task,
             )
             row: dict[str, float] = {"epoch": epoch + 1, "train_loss": train_loss}
-            if stage.best_path is not None:
+            if not stage.is_refit:
                 val_metrics = validate(
                     trainee.model, trainee.val_loader, task, trainee.scaling, target_names
                 )
@@ -625,9 +631,8 @@ def _run_epochs(
                     step=epoch + 1,
                 )
             state["epoch"] = epoch + 1
-            if stage.best_path is None:
+            if stage.is_refit:
                 epochs.set_postfix(loss=f"{train_loss:.4f}")
-                state["finished"] = state["epoch"] >= stage.epochs
                 fabric.save(stage.last_path, state)
                 continue
             epochs.set_postfix(
@@ -636,15 +641,12 @@ def _run_epochs(
             best = None if math.isnan(state["best_value"]) else state["best_value"]
             if is_better(val_metrics[metric], best, higher_is_better):
                 state["best_value"] = val_metrics[metric]
-                state["best_epoch"] = epoch + 1
                 state["bad_epochs"] = 0
                 fabric.save(stage.best_path, {"model": trainee.model, "epoch": epoch + 1})
             else:
                 state["bad_epochs"] += 1
-            stopping = state["bad_epochs"] >= settings.patience
-            state["finished"] = stopping or state["epoch"] >= stage.epochs
             fabric.save(stage.last_path, state)
-            if stopping:
+            if state["bad_epochs"] >= settings.patience:
                 LOGGER.info(
                     "early stop: no better val %s for %d epochs", metric, settings.patience
                 )
@@ -674,19 +676,17 @@ def _fit(
     checkpoint_dir = Path(settings.checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     select = Stage(
-        "select",
-        settings.max_epochs,
-        checkpoint_dir / "last.ckpt",
-        best_path=checkpoint_dir / "best.ckpt",
+        settings.max_epochs, checkpoint_dir / "last.ckpt", best_path=checkpoint_dir / "best.ckpt"
     )
     refit_last = checkpoint_dir / "refit_last.ckpt"
-    trainee = _set_up(config, fabric, data, data.splits["train"], settings)
+    trainee = _set_up(config, fabric, data, data.splits["train"])
     state = _new_state(trainee)
     if settings.resume:
         if not select.last_path.is_file():
             raise FileNotFoundError(f"train.resume=true but {select.last_path} does not exist")
         _resume(fabric, trainee, state, select.last_path)
-    if fabric.is_global_zero and not (settings.resume and state["finished"]):
+    selected_before = settings.resume and select.finished(state, settings.patience)
+    if fabric.is_global_zero and not selected_before:
         # A refit checkpoint belongs to the selection that finished before it: another one's
         # (an earlier run, or this run's before the selection finished) must not be resumed.
         refit_last.unlink(missing_ok=True)
@@ -714,21 +714,17 @@ def _fit(
         _run_epochs(fabric, trainee, state, select, config, data.target_names, monitored, tracker)
         if math.isnan(state["best_value"]):
             # No epoch saved best.ckpt (a file there would be another run's).
-            status = "FAILED"
             raise TrainingError(
                 f"no epoch gave a finite validation {metric} in {state['epoch']} epochs (the "
                 "training diverged?); try a lower train.learning_rate"
             )
-        # Evaluate the best epoch's weights, not the last ones.
-        fabric.load(select.best_path, {"model": trainee.model})
+        # Evaluate the best epoch's weights, not the last ones; best.ckpt records its epoch.
+        best_epoch = int(fabric.load(select.best_path, {"model": trainee.model})["epoch"])
         _, val_values, val_targets = predict(
             trainee.model, trainee.val_loader, task, trainee.scaling
         )
         val_metrics = evaluate(val_targets, val_values, task, data.target_names)
         history = state["history"]
-        best_epoch = int(state["best_epoch"]) or int(
-            torch.load(select.best_path, map_location="cpu", weights_only=True)["epoch"]
-        )
         selected, refit_history = trainee, None
         if settings.refit:
             trainee, refit_history = _refit(
@@ -736,8 +732,7 @@ def _fit(
             )
     except BaseException as error:
         # MLflow's run statuses: stopped by the user, or failed.
-        if status != "FAILED":
-            status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
         if tracker is not None:
             tracker.finish(status)
         raise
@@ -821,11 +816,11 @@ def _refit(
         len(rows),
         epochs,
     )
-    trainee = _set_up(config, fabric, data, rows, config.train)
+    trainee = _set_up(config, fabric, data, rows)
     state = _new_state(trainee)
     if last_path.is_file():  # kept only when resuming this run (see _fit)
         _resume(fabric, trainee, state, last_path)
-    stage = Stage("refit", epochs, last_path, best_path=None)
+    stage = Stage(epochs, last_path)
     _run_epochs(fabric, trainee, state, stage, config, data.target_names, monitored, tracker)
     return trainee, state["history"]
 
