@@ -23,6 +23,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import sys
 import typing
 from collections.abc import Iterable, Iterator, Sequence
@@ -627,14 +628,19 @@ def parse_smiles_argument(value: object) -> list[str]:
     return [piece.strip() for piece in text.split(",")]
 
 
+# `${name:arguments}`: a call of an OmegaConf resolver, unlike `${section.key}`.
+_RESOLVER_CALL = re.compile(rb"\$\{[^}]*:")
+
+
 def _config_cache_key(overrides: Sequence[str]) -> str | None:
     """A digest of everything a composed config depends on, or None when it may depend on more
-    (an interpolation such as ${oc.env:...} can read the environment)."""
+    (a resolver such as ${oc.env:...} can read the environment; a reference to another setting,
+    ${train.models_dir}, depends on the files alone)."""
     digest = hashlib.sha256(json.dumps(list(overrides)).encode())
     sources = sorted(config_dir().rglob("*.yaml"))
     for path in sources:
         text = path.read_bytes()
-        if b"${" in text:
+        if _RESOLVER_CALL.search(text):
             return None
         digest.update(str(path).encode() + b"\0" + text + b"\0")
     # The schema (mol_props/config.py) and the Hydra / OmegaConf installs shape the result too.
@@ -646,7 +652,7 @@ def _config_cache_key(overrides: Sequence[str]) -> str | None:
         if origin is None:
             return None
         digest.update(f"{origin}:{origin.stat().st_mtime_ns}".encode())
-    if any("${" in override for override in overrides):
+    if any(_RESOLVER_CALL.search(override.encode()) for override in overrides):
         return None
     return digest.hexdigest()
 

@@ -48,7 +48,11 @@ def test_every_option_composes_with_its_own_values(group_option: tuple[str, str]
     config = compose_config([f"{group}={option}", *extra])
     assert isinstance(config, Config)
     path = config_dir() / group / f"{option}.yaml"
-    written = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    # Interpolations (`${train.models_dir}/best.ckpt`) are resolved against the whole config.
+    whole = OmegaConf.create(
+        {**OmegaConf.to_container(OmegaConf.structured(config)), "_file": OmegaConf.load(path)}
+    )
+    written = OmegaConf.to_container(whole, resolve=True)["_file"]
     written.pop("defaults", None)
     if path.read_text().startswith("# @package _global_"):
         # A preset that sets keys of several sections (train=small_data): {section: {key: value}}.
@@ -82,6 +86,19 @@ def test_override_is_applied_and_typed():
     assert config.train.learning_rate == 0.5
     flat = to_flat_dict(config)
     assert flat["model.hidden_dim"] == "7" and flat["data.split.kind"] == "random"
+
+
+def test_models_dir_moves_every_model_file_and_an_explicit_path_still_wins():
+    config = compose_config(["train.models_dir=elsewhere"])
+    assert config.export.checkpoint == "elsewhere/best.ckpt"
+    assert config.export.onnx_path == "elsewhere/model.onnx"
+    # Inference reads what export writes.
+    assert config.infer.model_path == config.export.dynamic_onnx_path
+    assert config.infer.model_path == "elsewhere/model_dynamic_atoms.onnx"
+    assert config.infer.metadata_path == "elsewhere/model.json"
+    config = compose_config(["train.models_dir=elsewhere", "infer.model_path=mine.onnx"])
+    assert config.infer.model_path == "mine.onnx"
+    assert to_flat_dict(config)["export.checkpoint"] == "elsewhere/best.ckpt"
 
 
 @pytest.mark.parametrize("prefix", ["", "++"])

@@ -676,6 +676,21 @@ def test_cached_config_equals_a_fresh_composition(config_cache: Path):
     assert compose_config_cached(overrides) == first
 
 
+def test_a_setting_read_from_the_environment_is_never_cached(
+    config_cache: Path, monkeypatch: pytest.MonkeyPatch
+):
+    overrides = ["infer.model_path=${oc.env:MOL_PROPS_TEST_MODEL}"]
+    monkeypatch.setenv("MOL_PROPS_TEST_MODEL", "first.onnx")
+    assert compose_config_cached(overrides).infer.model_path == "first.onnx"
+    monkeypatch.setenv("MOL_PROPS_TEST_MODEL", "second.onnx")
+    assert compose_config_cached(overrides).infer.model_path == "second.onnx"
+    # A reference to another setting depends on the files alone: cached, and resolved.
+    before = set((config_cache / "mol_props").glob("config-*.json"))
+    config = compose_config_cached(["train.models_dir=elsewhere"])
+    assert config.infer.model_path == "elsewhere/model_dynamic_atoms.onnx"
+    assert set((config_cache / "mol_props").glob("config-*.json")) - before
+
+
 def test_config_missing_marker_matches_omegaconf():
     import omegaconf
 
