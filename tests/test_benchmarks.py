@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.conftest import REPO_ROOT
@@ -19,6 +20,8 @@ from tests.conftest import REPO_ROOT
         ("featurize.py", ["--runs=0"], "error: --runs=0 and --repeats=3 must be at least 1"),
         ("classical_baselines.py", ["--task=bogus"], "--task='bogus': choose one of"),
         ("classical_baselines.py", ["--fingerprint_size=0"], "must be at least 1"),
+        ("blend_cv.py", ["--folds=1"], "error: --folds=1: must be at least 2"),
+        ("blend_cv.py", ["--benchmark_dir=/nonexistent"], "no b3db_classification"),
         (
             "triton_load.py",
             ["--http=http://127.0.0.1:9", "--protocols=http"],
@@ -37,6 +40,21 @@ def test_a_bad_argument_is_one_error_line(script: str, arguments: list[str], mes
     assert process.returncode != 0
     assert message in process.stderr, process.stderr[-2000:]
     assert "Traceback" not in process.stderr
+
+
+def test_cross_validation_folds_keep_scaffolds_whole_and_balanced(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    from blend_cv import scaffold_folds
+
+    # Groups of 6, 5, 4, 3, 2 and four singletons (24 molecules) into 3 folds.
+    scaffolds = ["a"] * 6 + ["b"] * 5 + ["c"] * 4 + ["d"] * 3 + ["e"] * 2 + ["f", "g", "h", "i"]
+    assignment = scaffold_folds(scaffolds, 3, seed=0)
+    for scaffold in set(scaffolds):
+        assert len({assignment[i] for i, name in enumerate(scaffolds) if name == scaffold}) == 1
+    assert sorted(np.bincount(assignment, minlength=3).tolist()) == [8, 8, 8]
+    assert (scaffold_folds(scaffolds, 3, seed=0) == assignment).all()  # seeded
 
 
 def test_featurize_benchmark_runs_on_a_small_table(tmp_path):

@@ -1,0 +1,176 @@
+"""Scaffold cross-validation on the benchmark's train + val rows: the GNN, a random forest, and
+their average, judged on thousands of held-out molecules instead of val's 780. Test is not read.
+
+    uv run python benchmarks/blend_cv.py                  # seed 0, 5 folds
+    uv run python benchmarks/blend_cv.py --seeds='[0,1]' --extra='["preprocess.fingerprint.size=1024"]'
+
+The 7,024 train + val molecules of the classification split are cut into `folds` groups of whole
+Bemis-Murcko scaffolds (largest scaffold first, each to the emptiest fold; ties in a seeded
+order), so no held-out molecule shares a scaffold with a training one. For each fold:
+- the GNN: one default `mol_props train` process (plus `--extra`) on the other folds, which its
+  own scaffold split divides 8 : 1 into train and val for early stopping before the refit on
+  both; its exported ONNX model then predicts the held-out fold;
+- a random forest (500 trees, nothing tuned) on the descriptors and atom counts of
+  `classical_baselines.py`, fitted on the other folds.
+It prints each fold's ROC-AUC for both, then, for the GNN's share of the averaged probability
+from 0 to 1, the ROC-AUC over all out-of-fold predictions and the mean over the folds.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import shutil
+import tempfile
+from pathlib import Path
+
+import fire
+import numpy as np
+from classical_baselines import feature_sets, model_factories
+from train_quality import REPO_ROOT, SPLITS, run_seed
+
+from mol_props.commands import reported_errors
+from mol_props.config import compose_config
+from mol_props.data import scaffold_split
+from mol_props.featurize import MoleculeGraph, featurize_parallel
+from mol_props.metrics import roc_auc
+
+SHARES = np.round(np.linspace(0.0, 1.0, 11), 1)  # the GNN's share of the averaged probability
+
+
+def scaffold_folds(scaffolds: list[str], folds: int, seed: int) -> np.ndarray:
+    """[M] fold of each molecule: whole scaffold groups, largest first, each to the emptiest
+    fold (ties between equal groups broken in a seeded order)."""
+    groups: dict[str, list[int]] = collections.defaultdict(list)
+    for i, scaffold in enumerate(scaffolds):
+        groups[scaffold].append(i)
+    order = list(groups)
+    np.random.default_rng(seed).shuffle(order)
+    order.sort(key=lambda scaffold: -len(groups[scaffold]))  # stable: shuffled among equals
+    assignment = np.zeros(len(scaffolds), dtype=int)
+    filled = np.zeros(folds, dtype=int)
+    for scaffold in order:
+        emptiest = int(np.argmin(filled))
+        assignment[groups[scaffold]] = emptiest
+        filled[emptiest] += len(groups[scaffold])
+    return assignment
+
+
+def write_fold_table(rows: list[dict[str, str]], splits: np.ndarray, path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**row, "split": split} for row, split in zip(rows, splits))
+
+
+def gnn_predictions(
+    rows: list[dict[str, str]],
+    held: np.ndarray,
+    scaffolds: list[str],
+    seed: int,
+    extra: list[str],
+    work: Path,
+) -> np.ndarray:
+    """[M held] probabilities of a `mol_props train` run on the rows not held out (NaN where a
+    molecule could not be featurized)."""
+    from mol_props.infer import LocalPredictor, ModelMetadata
+
+    rest = np.flatnonzero(~held)
+    inner = scaffold_split([scaffolds[i] for i in rest], [8 / 9, 1 / 9, 0.0], seed)
+    splits = np.full(len(rows), "test", dtype=object)
+    splits[rest] = np.array(["train", "val", "test"], dtype=object)[inner]
+    table = work / "fold.csv"
+    write_fold_table(rows, splits, table)
+    run_seed("classification", seed, table, extra, work)
+    models = work / "models"
+    predictor = LocalPredictor(
+        models / "model.onnx", ModelMetadata.load(models / "model.json"), compose_config([]).infer
+    )
+    held_smiles = [row["smiles"] for row, is_held in zip(rows, held) if is_held]
+    return predictor.predict(held_smiles).values[:, 0]
+
+
+def cross_validate(
+    rows: list[dict[str, str]], seed: int, folds: int, extra: list[str], work: Path
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Out-of-fold GNN and forest probabilities [M] (NaN where unfeaturizable), and the folds."""
+    smiles = [row["smiles"] for row in rows]
+    labels = np.array([float(row["label"]) for row in rows])
+    preprocess = compose_config([]).preprocess
+    results = featurize_parallel(smiles, preprocess, num_workers=0, progress=False, with_keys=True)
+    featurized = np.array([isinstance(result, MoleculeGraph) for result in results])  # [M]
+    graphs = [result for result in results if isinstance(result, MoleculeGraph)]
+    counted = feature_sets(graphs, len(preprocess.descriptors))["+ atom counts"]
+    features = np.full((len(rows), counted.shape[1]), np.nan)
+    features[featurized] = counted
+    # An unfeaturizable molecule has no scaffold: it forms a group of its own.
+    scaffolds = [
+        result.scaffold if isinstance(result, MoleculeGraph) else f"unparsed {i}"
+        for i, result in enumerate(results)
+    ]
+    assignment = scaffold_folds(scaffolds, folds, seed)
+    gnn = np.full(len(rows), np.nan)
+    forest = np.full(len(rows), np.nan)
+    make_forest = model_factories("classification")["random forest"]
+    for fold in range(folds):
+        held = assignment == fold
+        gnn[held] = gnn_predictions(rows, held, scaffolds, seed, extra, work)
+        fit = ~held & featurized
+        model = make_forest(seed).fit(features[fit], labels[fit])
+        scored = held & featurized
+        forest[scored] = model.predict_proba(features[scored])[:, 1]
+        print(
+            f"seed {seed} fold {fold}: {held.sum()} molecules, ROC-AUC GNN "
+            f"{masked_auc(labels[held], gnn[held]):.4f}, forest "
+            f"{masked_auc(labels[held], forest[held]):.4f}",
+            flush=True,
+        )
+    return gnn, forest, assignment
+
+
+def masked_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    present = ~np.isnan(probabilities)
+    return roc_auc(labels[present], probabilities[present])
+
+
+def main(
+    seeds: tuple[int, ...] = (0,),
+    folds: int = 5,
+    extra: tuple[str, ...] = (),
+    benchmark_dir: str = str(REPO_ROOT.parent / "shared" / "benchmark"),
+) -> None:
+    """Cross-validate the GNN, the forest and their average for each seed; print ROC-AUCs."""
+    if folds < 2:
+        raise SystemExit(f"error: --folds={folds}: must be at least 2")
+    table = Path(benchmark_dir) / SPLITS["classification"]
+    if not table.is_file():
+        raise SystemExit(
+            f"error: no {table.name} in --benchmark_dir={benchmark_dir} (the fixed splits of "
+            "../shared/benchmark/)"
+        )
+    with table.open(newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["split"] in ("train", "val")]
+    labels = np.array([float(row["label"]) for row in rows])
+    print(f"{table.name}: {len(rows):,} train + val molecules in {folds} scaffold folds")
+    for seed in seeds:
+        with tempfile.TemporaryDirectory() as scratch:
+            work = Path(scratch)
+            # Export fills a model repository: a scratch copy, not the checkout's triton_repo/.
+            shutil.copytree(REPO_ROOT / "triton_repo", work / "triton_repo")
+            gnn, forest, assignment = cross_validate(rows, seed, folds, list(extra), work)
+        for share in SHARES:
+            blended = share * gnn + (1 - share) * forest
+            per_fold = [
+                masked_auc(labels[assignment == fold], blended[assignment == fold])
+                for fold in range(folds)
+            ]
+            print(
+                f"seed {seed}, GNN share {share:.1f}: out-of-fold ROC-AUC "
+                f"{masked_auc(labels, blended):.4f}, mean of folds {np.mean(per_fold):.4f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    with reported_errors():
+        fire.Fire(main)
