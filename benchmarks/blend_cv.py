@@ -2,7 +2,8 @@
 their average, judged on thousands of held-out molecules instead of val's 780. Test is not read.
 
     uv run python benchmarks/blend_cv.py                  # seed 0, 5 folds
-    uv run python benchmarks/blend_cv.py --seeds='[0,1]' --extra='["preprocess.fingerprint.size=1024"]'
+    uv run python benchmarks/blend_cv.py --seeds='[0,1]'
+    uv run python benchmarks/blend_cv.py --extra='["preprocess.fingerprint.size=1024"]'
 
 The 7,024 train + val molecules of the classification split are cut into `folds` groups of whole
 Bemis-Murcko scaffolds (largest scaffold first, each to the emptiest fold; ties in a seeded
