@@ -11,8 +11,9 @@ order), so no held-out molecule shares a scaffold with a training one. For each 
 - the GNN: one default `mol_props train` process (plus `--extra`) on the other folds, which its
   own scaffold split divides 8 : 1 into train and val for early stopping before the refit on
   both; its exported ONNX model then predicts the held-out fold;
-- a random forest (500 trees, nothing tuned) on the descriptors and atom counts of
-  `classical_baselines.py`, fitted on the other folds.
+- a random forest (500 trees of unlimited depth unless `--forest_trees` / `--forest_depth` say
+  otherwise; nothing else tuned) on the descriptors and atom counts of `classical_baselines.py`,
+  fitted on the other folds. A served forest must be cheap: its cost grows with trees x depth.
 It prints each fold's ROC-AUC for both, then, for the GNN's share of the averaged probability
 from 0 to 1, the ROC-AUC over all out-of-fold predictions and the mean over the folds.
 """
@@ -21,13 +22,14 @@ from __future__ import annotations
 
 import collections
 import csv
+import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
 
 import fire
 import numpy as np
-from classical_baselines import feature_sets, model_factories
+from classical_baselines import FOREST_TREES, feature_sets
 from train_quality import REPO_ROOT, SPLITS, run_seed
 
 from mol_props.commands import reported_errors
@@ -91,8 +93,19 @@ def gnn_predictions(
     return predictor.predict(held_smiles).values[:, 0]
 
 
+@dataclasses.dataclass(frozen=True)
+class ForestSettings:
+    trees: int
+    max_depth: int | None  # None = grow until the leaves are pure
+
+
 def cross_validate(
-    rows: list[dict[str, str]], seed: int, folds: int, extra: list[str], work: Path
+    rows: list[dict[str, str]],
+    seed: int,
+    folds: int,
+    extra: list[str],
+    forest_settings: ForestSettings,
+    work: Path,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Out-of-fold GNN and forest probabilities [M] (NaN where unfeaturizable), and the folds."""
     smiles = [row["smiles"] for row in rows]
@@ -112,12 +125,18 @@ def cross_validate(
     assignment = scaffold_folds(scaffolds, folds, seed)
     gnn = np.full(len(rows), np.nan)
     forest = np.full(len(rows), np.nan)
-    make_forest = model_factories("classification")["random forest"]
+    from sklearn.ensemble import RandomForestClassifier
+
     for fold in range(folds):
         held = assignment == fold
         gnn[held] = gnn_predictions(rows, held, scaffolds, seed, extra, work)
         fit = ~held & featurized
-        model = make_forest(seed).fit(features[fit], labels[fit])
+        model = RandomForestClassifier(
+            forest_settings.trees,
+            max_depth=forest_settings.max_depth,
+            n_jobs=-1,
+            random_state=seed,
+        ).fit(features[fit], labels[fit])
         scored = held & featurized
         forest[scored] = model.predict_proba(features[scored])[:, 1]
         print(
@@ -138,11 +157,20 @@ def main(
     seeds: tuple[int, ...] = (0,),
     folds: int = 5,
     extra: tuple[str, ...] = (),
+    forest_trees: int = FOREST_TREES,
+    forest_depth: int = 0,
     benchmark_dir: str = str(REPO_ROOT.parent / "shared" / "benchmark"),
 ) -> None:
-    """Cross-validate the GNN, the forest and their average for each seed; print ROC-AUCs."""
+    """Cross-validate the GNN, the forest and their average for each seed; print ROC-AUCs.
+    `forest_depth` 0 = unlimited."""
     if folds < 2:
         raise SystemExit(f"error: --folds={folds}: must be at least 2")
+    if forest_trees < 1 or forest_depth < 0:
+        raise SystemExit(
+            f"error: --forest_trees={forest_trees} must be at least 1 and "
+            f"--forest_depth={forest_depth} at least 0 (0 = unlimited)"
+        )
+    forest_settings = ForestSettings(forest_trees, forest_depth or None)
     table = Path(benchmark_dir) / SPLITS["classification"]
     if not table.is_file():
         raise SystemExit(
@@ -152,13 +180,18 @@ def main(
     with table.open(newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if row["split"] in ("train", "val")]
     labels = np.array([float(row["label"]) for row in rows])
-    print(f"{table.name}: {len(rows):,} train + val molecules in {folds} scaffold folds")
+    print(
+        f"{table.name}: {len(rows):,} train + val molecules in {folds} scaffold folds; forest "
+        f"{forest_trees} trees, depth {forest_depth or 'unlimited'}"
+    )
     for seed in seeds:
         with tempfile.TemporaryDirectory() as scratch:
             work = Path(scratch)
             # Export fills a model repository: a scratch copy, not the checkout's triton_repo/.
             shutil.copytree(REPO_ROOT / "triton_repo", work / "triton_repo")
-            gnn, forest, assignment = cross_validate(rows, seed, folds, list(extra), work)
+            gnn, forest, assignment = cross_validate(
+                rows, seed, folds, list(extra), forest_settings, work
+            )
         for share in SHARES:
             blended = share * gnn + (1 - share) * forest
             per_fold = [
