@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import collections
 import csv
-import dataclasses
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import fire
 import numpy as np
 from classical_baselines import FOREST_TREES, feature_sets
-from train_quality import REPO_ROOT, SPLITS, run_seed
+from sklearn.ensemble import RandomForestClassifier
+from train_quality import REPO_ROOT, benchmark_table, run_seed
 
 from mol_props.commands import reported_errors
 from mol_props.config import compose_config
@@ -93,18 +94,12 @@ def gnn_predictions(
     return predictor.predict(held_smiles).values[:, 0]
 
 
-@dataclasses.dataclass(frozen=True)
-class ForestSettings:
-    trees: int
-    max_depth: int | None  # None = grow until the leaves are pure
-
-
 def cross_validate(
     rows: list[dict[str, str]],
     seed: int,
     folds: int,
     extra: list[str],
-    forest_settings: ForestSettings,
+    make_forest: Callable[[int], RandomForestClassifier],
     work: Path,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Out-of-fold GNN and forest probabilities [M] (NaN where unfeaturizable), and the folds."""
@@ -125,18 +120,11 @@ def cross_validate(
     assignment = scaffold_folds(scaffolds, folds, seed)
     gnn = np.full(len(rows), np.nan)
     forest = np.full(len(rows), np.nan)
-    from sklearn.ensemble import RandomForestClassifier
-
     for fold in range(folds):
         held = assignment == fold
         gnn[held] = gnn_predictions(rows, held, scaffolds, seed, extra, work)
         fit = ~held & featurized
-        model = RandomForestClassifier(
-            forest_settings.trees,
-            max_depth=forest_settings.max_depth,
-            n_jobs=-1,
-            random_state=seed,
-        ).fit(features[fit], labels[fit])
+        model = make_forest(seed).fit(features[fit], labels[fit])
         scored = held & featurized
         forest[scored] = model.predict_proba(features[scored])[:, 1]
         print(
@@ -170,13 +158,12 @@ def main(
             f"error: --forest_trees={forest_trees} must be at least 1 and "
             f"--forest_depth={forest_depth} at least 0 (0 = unlimited)"
         )
-    forest_settings = ForestSettings(forest_trees, forest_depth or None)
-    table = Path(benchmark_dir) / SPLITS["classification"]
-    if not table.is_file():
-        raise SystemExit(
-            f"error: no {table.name} in --benchmark_dir={benchmark_dir} (the fixed splits of "
-            "../shared/benchmark/)"
-        )
+
+    def make_forest(seed: int) -> RandomForestClassifier:
+        depth = forest_depth or None  # None: grow until the leaves are pure
+        return RandomForestClassifier(forest_trees, max_depth=depth, n_jobs=-1, random_state=seed)
+
+    table = benchmark_table("classification", benchmark_dir)
     with table.open(newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if row["split"] in ("train", "val")]
     labels = np.array([float(row["label"]) for row in rows])
@@ -190,7 +177,7 @@ def main(
             # Export fills a model repository: a scratch copy, not the checkout's triton_repo/.
             shutil.copytree(REPO_ROOT / "triton_repo", work / "triton_repo")
             gnn, forest, assignment = cross_validate(
-                rows, seed, folds, list(extra), forest_settings, work
+                rows, seed, folds, list(extra), make_forest, work
             )
         for share in SHARES:
             blended = share * gnn + (1 - share) * forest

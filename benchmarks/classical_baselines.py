@@ -27,7 +27,7 @@ from typing import Callable
 
 import fire
 import numpy as np
-from train_quality import REPO_ROOT, SPLITS, mean_std
+from train_quality import REPO_ROOT, SPLITS, benchmark_table, mean_std
 
 from mol_props.commands import reported_errors
 from mol_props.config import compose_config
@@ -114,12 +114,7 @@ def main(
         raise SystemExit(f"error: --task={task!r}: choose one of {sorted(SPLITS)}")
     if fingerprint_size < 1:
         raise SystemExit(f"error: --fingerprint_size={fingerprint_size}: must be at least 1")
-    table = Path(benchmark_dir) / SPLITS[task]
-    if not table.is_file():
-        raise SystemExit(
-            f"error: no {SPLITS[task]} in --benchmark_dir={benchmark_dir} (the fixed splits of "
-            "../shared/benchmark/)"
-        )
+    table = benchmark_table(task, benchmark_dir)
     smiles, labels, splits = read_split(table)
     preprocess = compose_config([f"preprocess.fingerprint.size={fingerprint_size}"]).preprocess
     results = featurize_parallel(smiles, preprocess, num_workers=0, progress=False)

@@ -60,6 +60,17 @@ def split_overrides(task: str, data_path: Path) -> list[str]:
     ]
 
 
+def benchmark_table(task: str, benchmark_dir: str) -> Path:
+    """The fixed split table of `task` in `benchmark_dir`, or a one-line error naming both."""
+    table = Path(benchmark_dir) / SPLITS[task]
+    if not table.is_file():
+        raise SystemExit(
+            f"error: no {table.name} in --benchmark_dir={benchmark_dir} (the fixed splits of "
+            "../shared/benchmark/)"
+        )
+    return table
+
+
 def run_seed(task: str, seed: int, data_path: Path, extra: list[str], work: Path) -> dict:
     overrides = split_overrides(task, data_path) + [
         f"train.seed={seed}",
@@ -152,12 +163,7 @@ def main(
     print each seed's test metrics and wall time, then their mean and std."""
     if task not in SPLITS:
         raise SystemExit(f"error: --task={task!r}: choose one of {sorted(SPLITS)}")
-    splits = Path(benchmark_dir)
-    if not (splits / SPLITS[task]).is_file():
-        raise SystemExit(
-            f"error: no {SPLITS[task]} in --benchmark_dir={benchmark_dir} (the fixed splits of "
-            "../shared/benchmark/)"
-        )
+    splits = benchmark_table(task, benchmark_dir).parent
     metric = MAIN_METRIC[task]
     results = []
     with tempfile.TemporaryDirectory() as scratch:
