@@ -4,6 +4,8 @@ their average, judged on thousands of held-out molecules instead of val's 780. T
     uv run python benchmarks/blend_cv.py                  # seed 0, 5 folds
     uv run python benchmarks/blend_cv.py --seeds='[0,1]'
     uv run python benchmarks/blend_cv.py --extra='["preprocess.fingerprint.size=1024"]'
+    uv run python benchmarks/blend_cv.py --forests='[[500,0],[100,10],[200,8]]'
+    uv run python benchmarks/blend_cv.py --gnn_cache=data/cache/blend_cv --forests='[[100,20]]'
 
 The 7,024 train + val molecules of the classification split are cut into `folds` groups of whole
 Bemis-Murcko scaffolds (largest scaffold first, each to the emptiest fold; ties in a seeded
@@ -11,17 +13,21 @@ order), so no held-out molecule shares a scaffold with a training one. For each 
 - the GNN: one default `mol_props train` process (plus `--extra`) on the other folds, which its
   own scaffold split divides 8 : 1 into train and val for early stopping before the refit on
   both; its exported ONNX model then predicts the held-out fold;
-- a random forest (500 trees of unlimited depth unless `--forest_trees` / `--forest_depth` say
-  otherwise; nothing else tuned) on the descriptors and atom counts of `classical_baselines.py`,
-  fitted on the other folds. A served forest must be cheap: its cost grows with trees x depth.
-It prints each fold's ROC-AUC for both, then, for the GNN's share of the averaged probability
-from 0 to 1, the ROC-AUC over all out-of-fold predictions and the mean over the folds.
+- one random forest per `--forests` entry [trees, depth] (depth 0 = unlimited; default 500 trees
+  of unlimited depth; nothing else tuned) on the descriptors and atom counts of
+  `classical_baselines.py`, fitted on the other folds. A served forest must be cheap: its cost
+  grows with trees x depth (`benchmarks/forest_cost.py`).
+It prints each fold's ROC-AUC for the GNN and each forest, then, for each forest and the GNN's
+share of the averaged probability from 0 to 1, the ROC-AUC over all out-of-fold predictions and
+the mean over the folds.
 """
 
 from __future__ import annotations
 
 import collections
 import csv
+import hashlib
+import json
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -85,7 +91,8 @@ def gnn_predictions(
     splits[rest] = np.array(["train", "val", "test"], dtype=object)[inner]
     table = work / "fold.csv"
     write_fold_table(rows, splits, table)
-    run_seed("classification", seed, table, extra, work)
+    # The GNN alone: the forest member built into `mol_props train` would blend itself in.
+    run_seed("classification", seed, table, ["model.forest_trees=0", *extra], work)
     models = work / "models"
     predictor = LocalPredictor(
         models / "model.onnx", ModelMetadata.load(models / "model.json"), compose_config([]).infer
@@ -99,10 +106,12 @@ def cross_validate(
     seed: int,
     folds: int,
     extra: list[str],
-    make_forest: Callable[[int], RandomForestClassifier],
+    forests: dict[str, Callable[[int], RandomForestClassifier]],
     work: Path,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Out-of-fold GNN and forest probabilities [M] (NaN where unfeaturizable), and the folds."""
+    cached_gnn: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """Out-of-fold probabilities [M] (NaN where unfeaturizable) of the GNN (`cached_gnn` if
+    given: no training) and of each forest (by name), and the folds."""
     smiles = [row["smiles"] for row in rows]
     labels = np.array([float(row["label"]) for row in rows])
     preprocess = compose_config([]).preprocess
@@ -118,22 +127,39 @@ def cross_validate(
         for i, result in enumerate(results)
     ]
     assignment = scaffold_folds(scaffolds, folds, seed)
-    gnn = np.full(len(rows), np.nan)
-    forest = np.full(len(rows), np.nan)
+    gnn = np.full(len(rows), np.nan) if cached_gnn is None else cached_gnn
+    forest = {name: np.full(len(rows), np.nan) for name in forests}
     for fold in range(folds):
         held = assignment == fold
-        gnn[held] = gnn_predictions(rows, held, scaffolds, seed, extra, work)
+        if cached_gnn is None:
+            gnn[held] = gnn_predictions(rows, held, scaffolds, seed, extra, work)
         fit = ~held & featurized
-        model = make_forest(seed).fit(features[fit], labels[fit])
         scored = held & featurized
-        forest[scored] = model.predict_proba(features[scored])[:, 1]
-        print(
-            f"seed {seed} fold {fold}: {held.sum()} molecules, ROC-AUC GNN "
-            f"{masked_auc(labels[held], gnn[held]):.4f}, forest "
-            f"{masked_auc(labels[held], forest[held]):.4f}",
-            flush=True,
-        )
+        scores = [f"GNN {masked_auc(labels[held], gnn[held]):.4f}"]
+        for name, make_forest in forests.items():
+            model = make_forest(seed).fit(features[fit], labels[fit])
+            forest[name][scored] = model.predict_proba(features[scored])[:, 1]
+            scores.append(f"forest {name} {masked_auc(labels[held], forest[name][held]):.4f}")
+        print(f"seed {seed} fold {fold}: {held.sum()} molecules, ROC-AUC {', '.join(scores)}")
     return gnn, forest, assignment
+
+
+def cache_path(folder: str, seed: int, folds: int, extra: list[str]) -> Path | None:
+    """Where one seed's out-of-fold GNN predictions are cached: the name holds everything they
+    depend on (None without a folder)."""
+    if not folder:
+        return None
+    digest = hashlib.sha256(json.dumps(extra).encode()).hexdigest()[:12]
+    return Path(folder) / f"gnn_seed{seed}_folds{folds}_extra{digest}.npy"
+
+
+def forest_factory(trees: int, depth: int) -> Callable[[int], RandomForestClassifier]:
+    """A function of the seed giving an unfitted forest; depth 0 = grow until leaves are pure."""
+
+    def make_forest(seed: int) -> RandomForestClassifier:
+        return RandomForestClassifier(trees, max_depth=depth or None, n_jobs=-1, random_state=seed)
+
+    return make_forest
 
 
 def masked_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
@@ -145,51 +171,60 @@ def main(
     seeds: tuple[int, ...] = (0,),
     folds: int = 5,
     extra: tuple[str, ...] = (),
-    forest_trees: int = FOREST_TREES,
-    forest_depth: int = 0,
+    forests: tuple[tuple[int, int], ...] = ((FOREST_TREES, 0),),
     benchmark_dir: str = str(REPO_ROOT.parent / "shared" / "benchmark"),
+    gnn_cache: str = "",
 ) -> None:
-    """Cross-validate the GNN, the forest and their average for each seed; print ROC-AUCs.
-    `forest_depth` 0 = unlimited."""
+    """Cross-validate the GNN, each forest [trees, depth] (depth 0 = unlimited) and their
+    averages for each seed; print ROC-AUCs. `gnn_cache`: a folder where each seed's out-of-fold
+    GNN predictions are saved, and read back by a later run with the same seed, folds and
+    `--extra` instead of training again (to compare more forests)."""
     if folds < 2:
         raise SystemExit(f"error: --folds={folds}: must be at least 2")
-    if forest_trees < 1 or forest_depth < 0:
-        raise SystemExit(
-            f"error: --forest_trees={forest_trees} must be at least 1 and "
-            f"--forest_depth={forest_depth} at least 0 (0 = unlimited)"
-        )
-
-    def make_forest(seed: int) -> RandomForestClassifier:
-        depth = forest_depth or None  # None: grow until the leaves are pure
-        return RandomForestClassifier(forest_trees, max_depth=depth, n_jobs=-1, random_state=seed)
+    makers = {}
+    for size in forests:
+        if len(size) != 2 or size[0] < 1 or size[1] < 0:
+            raise SystemExit(
+                f"error: --forests entry {list(size)}: must be [trees, depth] with at least 1 "
+                "tree and depth at least 0 (0 = unlimited)"
+            )
+        makers[f"{size[0]}x{size[1] or 'any'}"] = forest_factory(*size)
 
     table = benchmark_table("classification", benchmark_dir)
     with table.open(newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if row["split"] in ("train", "val")]
     labels = np.array([float(row["label"]) for row in rows])
     print(
-        f"{table.name}: {len(rows):,} train + val molecules in {folds} scaffold folds; forest "
-        f"{forest_trees} trees, depth {forest_depth or 'unlimited'}"
+        f"{table.name}: {len(rows):,} train + val molecules in {folds} scaffold folds; forests "
+        f"(trees x depth) {', '.join(makers)}"
     )
     for seed in seeds:
+        cache = cache_path(gnn_cache, seed, folds, list(extra))
+        cached = np.load(cache) if cache is not None and cache.is_file() else None
+        if cached is not None:
+            print(f"seed {seed}: GNN predictions from {cache}")
         with tempfile.TemporaryDirectory() as scratch:
             work = Path(scratch)
             # Export fills a model repository: a scratch copy, not the checkout's triton_repo/.
             shutil.copytree(REPO_ROOT / "triton_repo", work / "triton_repo")
-            gnn, forest, assignment = cross_validate(
-                rows, seed, folds, list(extra), make_forest, work
+            gnn, oof, assignment = cross_validate(
+                rows, seed, folds, list(extra), makers, work, cached
             )
-        for share in SHARES:
-            blended = share * gnn + (1 - share) * forest
-            per_fold = [
-                masked_auc(labels[assignment == fold], blended[assignment == fold])
-                for fold in range(folds)
-            ]
-            print(
-                f"seed {seed}, GNN share {share:.1f}: out-of-fold ROC-AUC "
-                f"{masked_auc(labels, blended):.4f}, mean of folds {np.mean(per_fold):.4f}",
-                flush=True,
-            )
+        if cache is not None and cached is None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.save(cache, gnn)
+        for name, forest in oof.items():
+            for share in SHARES:
+                blended = share * gnn + (1 - share) * forest
+                per_fold = [
+                    masked_auc(labels[assignment == fold], blended[assignment == fold])
+                    for fold in range(folds)
+                ]
+                print(
+                    f"seed {seed}, forest {name}, GNN share {share:.1f}: out-of-fold ROC-AUC "
+                    f"{masked_auc(labels, blended):.4f}, mean of folds {np.mean(per_fold):.4f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

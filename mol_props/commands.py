@@ -142,6 +142,7 @@ class Commands:
                 # Checked now rather than by the export after minutes of training.
                 _check_triton_repo(config)
             from mol_props import train
+            from mol_props.metrics import MONITORED
 
             try:
                 result = train.run(config)
@@ -159,9 +160,16 @@ class Commands:
                 export.run(config)
         metrics = ", ".join(f"{name}={value:.4f}" for name, value in result.test_metrics.items())
         refit = f", refit on train + val for {result.refit_epochs}" if result.refit_epochs else ""
+        # The forest member's run: the main metric of each member alone, after the blend's.
+        members = "".join(
+            f", {member}_{name}={value:.4f}"
+            for member, member_metrics in result.member_test_metrics.items()
+            for name, value in member_metrics.items()
+            if name == MONITORED[config.data.task][0]
+        )
         print(
             f"done: {result.epochs_run} epochs (best {result.best_epoch}){refit}; "
-            f"test {metrics or '(no test split)'}; "
+            f"test {metrics or '(no test split)'}{members}; "
             f"model {result.checkpoint}; plots {result.run_directory}"
         )
 

@@ -102,6 +102,12 @@ class ModelConfig:
     fingerprint_weight: float = 0.3  # its share of the averaged output
     # log1p of each atom one-hot slot counted over the molecule, into the descriptor MLP.
     atom_counts: bool = False
+    # The forest member (mol_props.forest): a random forest per target on the descriptors and
+    # atom counts, fitted after the network on the same rows; its probabilities (classification)
+    # or values are averaged with the network's, weighted. 0 trees = no forest.
+    forest_trees: int = 0
+    forest_depth: int = 0  # 0 = grow until the leaves are pure
+    forest_weight: float = 0.5  # its share of the averaged output
     head_hidden_dim: int = MISSING
     head_layers: int = MISSING
 
@@ -312,6 +318,8 @@ AT_LEAST_ZERO = (
     ("preprocess", "fingerprint", "size"),
     ("model", "descriptor_hidden_dim"),
     ("model", "fingerprint_hidden_dim"),
+    ("model", "forest_trees"),
+    ("model", "forest_depth"),  # 0 = unlimited
     ("train", "num_threads"),
     ("train", "weight_decay"),
     ("train", "gradient_clip"),  # 0 = no clipping (as in Lightning's Trainer)
@@ -359,6 +367,8 @@ def check_ranges(config: Config) -> None:
     # The averaged output is (1 - weight) * GNN + weight * fingerprint member.
     if not 0.0 <= (value := config.model.fingerprint_weight) <= 1.0:
         raise ConfigError(f"model.fingerprint_weight={value}: a share, in [0, 1]")
+    if not 0.0 <= (value := config.model.forest_weight) <= 1.0:
+        raise ConfigError(f"model.forest_weight={value}: a share, in [0, 1]")
 
 
 def _settings(node: object, prefix: str = "") -> Iterator[tuple[str, object]]:

@@ -21,6 +21,7 @@ import torch
 from mol_props.config import Config, ModelConfig, PreprocessConfig
 from mol_props.errors import MolPropsError
 from mol_props.featurize import FEATURIZER_VERSION, Featurizer, MoleculeGraph, pad_graphs
+from mol_props.forest import TreeEnsemble
 from mol_props.infer import ModelMetadata
 from mol_props.model import MoleculeGNN, PredictionModel
 
@@ -43,19 +44,23 @@ def load_prediction_model(checkpoint: Path) -> tuple[PredictionModel, dict]:
             f"no checkpoint at {checkpoint}: train first with `uv run mol_props train`"
         )
     payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model_config = ModelConfig(**payload["model_config"])
     network = MoleculeGNN(
         payload["atom_feature_size"],
         payload["descriptor_size"],
         len(payload["targets"]),
-        ModelConfig(**payload["model_config"]),
+        model_config,
         fingerprint_size=payload["preprocess"]["fingerprint"]["size"],
     )
     network.load_state_dict(payload["model"])
+    forest = TreeEnsemble.from_state(payload["forest"]) if "forest" in payload else None
     model = PredictionModel(
         network,
         payload["task"],
         torch.tensor(payload["target_mean"], dtype=torch.float32),
         torch.tensor(payload["target_std"], dtype=torch.float32),
+        forest=forest,
+        forest_weight=model_config.forest_weight,
     )
     return model.eval(), payload
 

@@ -17,10 +17,14 @@ trained models would be), because their errors differ: on the benchmark's valida
 pair beat either alone, while the counts fed into the GNN's descriptor MLP made it overfit within
 a few epochs.
 
-Every op is a MatMul, an elementwise op or a ReduceSum, so the graph exports to plain ONNX and
-TensorRT. Padded atoms contribute nothing: every layer's output is multiplied by the mask, the
-adjacency has no edges to them, LayerNorm works per atom, and pooling divides by the real atom
-count.
+The forest member (`model.forest_trees`, mol_props/forest.py) is not trained by gradient: it is
+fitted after the network and joins it in PredictionModel, the exported model, which averages the
+network's probability (or standardized value) with the forest's.
+
+Every op is a MatMul, an elementwise op or a ReduceSum (the forest adds Gather, LessOrEqual and
+Where), so the graph exports to plain ONNX and TensorRT. Padded atoms contribute nothing: every
+layer's output is multiplied by the mask, the adjacency has no edges to them, LayerNorm works per
+atom, and pooling divides by the real atom count (the forest's atom counts too).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from torch_geometric.nn.dense import DenseGINConv, DenseGraphConv
 
 from mol_props.config import ModelConfig
 from mol_props.errors import ConfigError
+from mol_props.forest import TreeEnsemble
 
 
 class AtomwiseMLP(nn.Module):
@@ -213,22 +218,43 @@ class MoleculeGNN(nn.Module):
         return self.head(pooled)  # [B, T]
 
 
-class PredictionModel(nn.Module):
-    """What gets exported: the GNN plus the step to what a user wants, so nothing is
-    post-processed outside the model: a probability (classification) or the value in original
-    units (regression)."""
+def average_with_forest(network_values: Tensor, forest_values: Tensor, weight: float) -> Tensor:
+    """The two members' [B, T] averaged: probabilities (classification) or standardized values
+    (regression), the forest's share `weight`."""
+    return (1.0 - weight) * network_values + weight * forest_values
 
-    def __init__(self, network: MoleculeGNN, task: str, target_mean: Tensor, target_std: Tensor):
+
+class PredictionModel(nn.Module):
+    """What gets exported: the GNN (and the forest member, if any) plus the step to what a user
+    wants, so nothing is post-processed outside the model: a probability (classification) or the
+    value in original units (regression)."""
+
+    def __init__(
+        self,
+        network: MoleculeGNN,
+        task: str,
+        target_mean: Tensor,
+        target_std: Tensor,
+        forest: TreeEnsemble | None = None,
+        forest_weight: float = 0.0,
+    ):
         super().__init__()
         self.network = network
         self.task = task
         self.register_buffer("target_mean", target_mean.clone())
         self.register_buffer("target_std", target_std.clone())
+        self.forest = forest
+        self.forest_weight = forest_weight
 
     def forward(
         self, atom_features: Tensor, adjacency: Tensor, atom_mask: Tensor, descriptors: Tensor
     ) -> Tensor:
         raw = self.network(atom_features, adjacency, atom_mask, descriptors)  # [B, T]
+        # Probabilities, or values in standardized units (the forest's too).
+        values = torch.sigmoid(raw) if self.task == "classification" else raw  # [B, T]
+        if self.forest is not None:
+            forest_values = self.forest.molecule_forward(atom_features, atom_mask, descriptors)
+            values = average_with_forest(values, forest_values, self.forest_weight)  # [B, T]
         if self.task == "classification":
-            return torch.sigmoid(raw)
-        return raw * self.target_std + self.target_mean
+            return values
+        return values * self.target_std + self.target_mean

@@ -4,6 +4,7 @@
       data (DVC pull, else download_data) -> featurize (cached) -> split
       -> epochs: train_epoch, validate, early stopping, best + last checkpoints (fabric.save)
       -> train.refit: a fresh model on train + val for the best epoch count (refit_last.ckpt)
+      -> model.forest_trees: the forest member fitted on the same rows (mol_props.forest)
       -> final model on test -> models/best.ckpt, plots/<run>/, MLflow -> export (ONNX)
 
 Reproducibility: every epoch re-seeds torch and the shuffling generator with (seed + epoch), so a
@@ -18,7 +19,7 @@ import math
 import shutil
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -32,8 +33,9 @@ from mol_props.config import Config, TrainConfig, to_flat_dict
 from mol_props.data import PreparedData, prepare_data
 from mol_props.errors import ConfigError, MolPropsError
 from mol_props.featurize import Featurizer, MoleculeGraph, pad_graphs
+from mol_props.forest import ForestSettings, TreeEnsemble, fit_forest, molecule_features_numpy
 from mol_props.metrics import MONITORED, evaluate
-from mol_props.model import MoleculeGNN
+from mol_props.model import MoleculeGNN, average_with_forest
 from mol_props.tracking import RunLogger, git_state
 
 LOGGER = logging.getLogger(__name__)
@@ -258,27 +260,44 @@ def train_epoch(
 
 @torch.no_grad()
 def predict(
-    model: torch.nn.Module, loader: DataLoader, task: str, scaling: Scaling
+    model: torch.nn.Module,
+    loader: DataLoader,
+    task: str,
+    scaling: Scaling,
+    forest: TreeEnsemble | None = None,
+    forest_weight: float = 0.0,
 ) -> tuple[float, np.ndarray, np.ndarray]:
-    """(loss, predictions in user units [M, T], targets [M, T]) over a loader, in order."""
+    """(loss, predictions in user units [M, T], targets [M, T]) over a loader, in order: the
+    network's, averaged with the forest's when there is one (as the exported model does). The
+    loss is the network's alone."""
     model.eval()
-    losses, outputs, targets = [], [], []
+    losses, outputs, forest_outputs, targets = [], [], [], []
     for batch in loader:
         raw = model(
             batch["atom_features"], batch["adjacency"], batch["atom_mask"], batch["descriptors"]
         )  # [B, T]
         losses.append(masked_loss(raw, batch["targets"], task).item() * len(raw))
-        outputs.append(raw.float().cpu().numpy())
+        outputs.append(raw.float().cpu())
         targets.append(batch["targets"].cpu().numpy())
-    raw_all = np.concatenate(outputs)
-    if task == "classification":
-        # torch's sigmoid: 1 / (1 + exp(-x)) in numpy overflows (and warns) for logits below -88.
-        values = torch.sigmoid(torch.from_numpy(raw_all)).numpy()
-        target_values = np.concatenate(targets)
-    else:
-        values = raw_all * scaling.std + scaling.mean
-        target_values = np.concatenate(targets) * scaling.std + scaling.mean
-    return sum(losses) / max(len(raw_all), 1), values, target_values
+        if forest is not None:  # on the CPU, where it was fitted
+            forest_outputs.append(
+                forest.molecule_forward(
+                    batch["atom_features"].cpu(),
+                    batch["atom_mask"].cpu(),
+                    batch["descriptors"].cpu(),
+                )
+            )  # [B, T]
+    raw_all = torch.cat(outputs)  # [M, T]
+    # Probabilities, or standardized values. torch's sigmoid: 1 / (1 + exp(-x)) in numpy
+    # overflows (and warns) for logits below -88.
+    values = torch.sigmoid(raw_all) if task == "classification" else raw_all
+    if forest is not None:
+        values = average_with_forest(values, torch.cat(forest_outputs), forest_weight)
+    values_all, target_values = values.numpy(), np.concatenate(targets)
+    if task != "classification":
+        values_all = values_all * scaling.std + scaling.mean
+        target_values = target_values * scaling.std + scaling.mean
+    return sum(losses) / max(len(raw_all), 1), values_all, target_values
 
 
 def validate(
@@ -361,6 +380,8 @@ class TrainResult:
     epochs_run: int  # epochs of the run that chose the epoch count on val
     best_epoch: int  # its best epoch by the validation metric
     refit_epochs: int  # epochs of the refit on train + val (train.refit), else 0
+    # With the forest member: test metrics of each member alone ("network", "forest").
+    member_test_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     # False in the other processes of a multi-process (DDP) run: only the first exports.
     is_global_zero: bool = True
 
@@ -726,10 +747,28 @@ def _fit(
         val_metrics = evaluate(val_targets, val_values, task, data.target_names)
         history = state["history"]
         selected, refit_history = trainee, None
+        trained_rows = data.splits["train"]
         if settings.refit:
             trainee, refit_history = _refit(
                 config, fabric, data, best_epoch, refit_last, monitored, tracker
             )
+            trained_rows = np.concatenate([data.splits["train"], data.splits["val"]])
+        forest = (
+            _fit_forest(config, data, trained_rows, trainee.scaling)
+            if config.model.forest_trees
+            else None
+        )
+        if forest is not None and not settings.refit:
+            # The shipped pair, network and forest, both saw train only: val measures the pair.
+            _, val_values, val_targets = predict(
+                trainee.model,
+                trainee.val_loader,
+                task,
+                trainee.scaling,
+                forest,
+                config.model.forest_weight,
+            )
+            val_metrics = evaluate(val_targets, val_values, task, data.target_names)
     except BaseException as error:
         # MLflow's run statuses: stopped by the user, or failed.
         status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
@@ -738,16 +777,29 @@ def _fit(
         raise
 
     test_metrics: dict[str, float] = {}
+    member_test_metrics: dict[str, dict[str, float]] = {}
     figure_paths = [
         plots.learning_curves(
             history, metric, run_directory / "learning_curves.png", refit_history
         )
     ]
+    forest_weight = config.model.forest_weight
     if trainee.test_loader is not None:
         _, test_values, test_targets = predict(
-            trainee.model, trainee.test_loader, task, trainee.scaling
+            trainee.model, trainee.test_loader, task, trainee.scaling, forest, forest_weight
         )
         test_metrics = evaluate(test_targets, test_values, task, data.target_names)
+        if forest is not None:
+            # For comparison: each member alone on the same molecules.
+            for member, weight in (("network", 0.0), ("forest", 1.0)):
+                _, values, targets = predict(
+                    trainee.model, trainee.test_loader, task, trainee.scaling, forest, weight
+                )
+                member_test_metrics[member] = evaluate(targets, values, task, data.target_names)
+                if tracker is not None:
+                    tracker.log_metrics(
+                        {f"{member}_test_{k}": v for k, v in member_test_metrics[member].items()}
+                    )
         figure_paths += evaluation_figures(
             test_targets, test_values, task, data.target_names, run_directory
         )
@@ -762,6 +814,7 @@ def _fit(
         config,
         fabric,
         trainee.network,
+        forest,
         data,
         trainee.scaling,
         val_metrics,
@@ -792,6 +845,7 @@ def _fit(
         epochs_run=state["epoch"],
         best_epoch=best_epoch,
         refit_epochs=best_epoch if settings.refit else 0,
+        member_test_metrics=member_test_metrics,
         is_global_zero=fabric.is_global_zero,
     )
 
@@ -825,6 +879,26 @@ def _refit(
     return trainee, state["history"]
 
 
+def _fit_forest(
+    config: Config, data: PreparedData, rows: np.ndarray, scaling: Scaling
+) -> TreeEnsemble:
+    """The forest member on the rows the shipped network trained on, from the features the model
+    computes from its own inputs; regression targets standardized as the network's are."""
+    descriptor_count = len(config.preprocess.descriptors)  # not the Morgan counts after them
+    features = molecule_features_numpy(
+        [data.graphs[i].atom_features for i in rows],
+        [data.graphs[i].descriptors for i in rows],
+        descriptor_count,
+    )  # [M, D' + F - 1]
+    targets = data.targets[rows]  # [M, T]
+    if config.data.task != "classification":
+        targets = (targets - scaling.mean) / scaling.std
+    settings = ForestSettings(
+        trees=config.model.forest_trees, depth=config.model.forest_depth, seed=config.train.seed
+    )
+    return fit_forest(features, targets, config.data.task, settings, descriptor_count)
+
+
 def evaluation_figures(
     targets: np.ndarray, values: np.ndarray, task: str, target_names: list[str], directory: Path
 ) -> list[Path]:
@@ -850,6 +924,7 @@ def _save_model(
     config: Config,
     fabric: Fabric,
     network: MoleculeGNN,
+    forest: TreeEnsemble | None,
     data: PreparedData,
     scaling: Scaling,
     val_metrics: dict[str, float],
@@ -857,7 +932,8 @@ def _save_model(
     trained_on: str,
 ) -> Path:
     """models/best.ckpt: weights plus everything export needs, as plain types. `val_metrics` are
-    the selected epoch's (a refit model has seen val); `trained_on` says which splits it saw."""
+    the selected epoch's network's (a refit model has seen val); `trained_on` says which splits
+    the network and the forest saw."""
     featurizer = Featurizer(config.preprocess)
     path = Path(config.export.checkpoint)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -876,6 +952,8 @@ def _save_model(
         "trained_on": trained_on,
         "data_md5": data.data_md5,
     }
+    if forest is not None:
+        payload["forest"] = forest.state()
     if fabric.is_global_zero:
         temporary = path.with_suffix(".tmp")
         torch.save(payload, temporary)

@@ -21,7 +21,7 @@ from tests.conftest import REPO_ROOT
         ("classical_baselines.py", ["--task=bogus"], "--task='bogus': choose one of"),
         ("classical_baselines.py", ["--fingerprint_size=0"], "must be at least 1"),
         ("blend_cv.py", ["--folds=1"], "error: --folds=1: must be at least 2"),
-        ("blend_cv.py", ["--forest_depth=-1"], "--forest_depth=-1 at least 0 (0 = unlimited)"),
+        ("blend_cv.py", ["--forests=[[100,-1]]"], "entry [100, -1]: must be [trees, depth]"),
         ("blend_cv.py", ["--benchmark_dir=/nonexistent"], "no b3db_classification"),
         (
             "triton_load.py",

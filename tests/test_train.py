@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -113,6 +114,10 @@ def test_two_process_ddp_run_trains_once_and_exports_once(tmp_path, molecules_cs
     )
     assert process.returncode == 0, process.stderr[-3000:]
     assert process.stdout.count("done: 2 epochs") == 1, process.stdout
+    # The summary line gives each member's main metric after the average's (forest on by default).
+    assert re.search(
+        r"test roc_auc=[\d.]+.*, network_roc_auc=[\d.]+, forest_roc_auc=", process.stdout
+    )
     assert process.stdout.count("export: parity ONNX Runtime vs PyTorch") == 1, process.stdout
     assert len(list((tmp_path / "plots").glob("csv-*"))) == 1  # one run directory
     assert (tmp_path / "models" / "model.onnx").is_file()
@@ -275,6 +280,55 @@ def test_fingerprint_member_trains_and_exports_with_onnx_parity(tmp_path, molecu
     assert exported.max_difference <= 1e-4
     metadata = ModelMetadata.load(exported.metadata_path)
     assert metadata.descriptor_size == len(config.preprocess.descriptors) + 64
+
+
+def test_forest_member_fits_the_shipped_rows_and_the_exported_model_scores_the_test_metric(
+    tmp_path, molecules_csv
+):
+    from sklearn.ensemble import RandomForestClassifier
+
+    from mol_props.forest import TreeEnsemble, molecule_features_numpy
+    from mol_props.infer import LocalPredictor
+    from mol_props.metrics import roc_auc
+
+    shutil.copytree(REPO_ROOT / "triton_repo", tmp_path / "triton_repo")  # export fills a copy
+    config = _config(tmp_path, molecules_csv, "model.forest_trees=20", "model.forest_weight=0.4")
+    result = train.run(config)
+    payload = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
+    forest = TreeEnsemble.from_state(payload["forest"])
+    assert forest.trees == 20 and payload["trained_on"] == "train+val"
+
+    # The forest is scikit-learn's, fitted on the rows the refit network saw (train + val).
+    data = prepare_data(config.data, config.preprocess, progress=False)
+    count = len(config.preprocess.descriptors)
+
+    def features(rows: np.ndarray) -> np.ndarray:
+        graphs = [data.graphs[i] for i in rows]
+        return molecule_features_numpy(
+            [graph.atom_features for graph in graphs],
+            [graph.descriptors for graph in graphs],
+            count,
+        )
+
+    fitted = np.concatenate([data.splits["train"], data.splits["val"]])
+    test = data.splits["test"]
+    reference = RandomForestClassifier(20, n_jobs=-1, random_state=config.train.seed)
+    reference.fit(features(fitted), data.targets[fitted, 0])
+    with torch.no_grad():
+        ours = forest(torch.from_numpy(features(test)))[:, 0].numpy()
+    np.testing.assert_allclose(ours, reference.predict_proba(features(test))[:, 1], atol=1e-6)
+
+    # The exported model carries the forest: ONNX Runtime matches PyTorch, and its predictions
+    # on the test molecules score the test metric the run reported.
+    exported = export.run(config)
+    assert exported.max_difference <= 1e-4
+    predictor = LocalPredictor(
+        exported.dynamic_onnx_path, ModelMetadata.load(exported.metadata_path), config.infer
+    )
+    predicted = predictor.predict([data.smiles[i] for i in test]).values[:, 0]
+    assert roc_auc(data.targets[test, 0], predicted) == pytest.approx(
+        result.test_metrics["roc_auc"], abs=1e-6
+    )
 
 
 def test_a_model_without_the_descriptor_mlp_exports_every_input(tmp_path, molecules_csv):
@@ -512,6 +566,12 @@ def test_run_is_logged_to_a_real_mlflow_server(tmp_path, molecules_csv, mlflow_s
     refit_history = client.get_metric_history(run.info.run_id, "refit_train_loss")
     assert [point.step for point in refit_history] == list(range(1, result.refit_epochs + 1))
     assert "select_test_roc_auc" in run.data.metrics
+    # The forest member (on by default): each member's own test metrics beside the average's.
+    assert set(result.member_test_metrics) == {"network", "forest"}
+    for member in ("network", "forest"):
+        assert run.data.metrics[f"{member}_test_roc_auc"] == pytest.approx(
+            result.member_test_metrics[member]["roc_auc"]
+        )
     assert run.data.metrics["best_epoch"] == result.best_epoch
     artifacts = {item.path for item in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/learning_curves.png", "plots/roc.png", "plots/calibration.png"} <= artifacts
