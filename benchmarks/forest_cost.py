@@ -113,8 +113,9 @@ def main(
             session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             onnx_values = session.run(None, {"features": features})[0][:, 0]
         reference = reference_probabilities(features, labels, settings)
+        nodes = ensemble.thresholds.shape[0]
         print(
-            f"{trees:4d} trees x depth {depth or 'any':>3}: {ensemble.nodes.shape[0]:>9,} nodes, "
+            f"{trees:4d} trees x depth {depth or 'any':>3}: {nodes:>9,} nodes, "
             f"deepest {ensemble.depth:2d}, {megabytes:6.1f} MB, {microseconds:7.1f} us per "
             f"molecule, max |ONNX - scikit-learn| {np.abs(onnx_values - reference).max():.1e}",
             flush=True,

@@ -11,16 +11,17 @@ walked at once, one level per step, a fixed number of steps (the deepest tree's 
 
     node [B, R] = root of each tree
     repeat depth times:
-        feature, threshold, right = table[node]                    [B, R] each
+        feature, right = links[node]                               [B, R] each
         value = features[b, feature]                               [B, R]
-        node = node + 1 if value <= threshold else right
+        node = node + 1 if value <= thresholds[node] else right
     leaf value of node [B, R] -> mean over each target's trees     [B, T]
 
 scikit-learn builds trees depth first, so a split's left child is the node after it (checked when
 the forest is converted); a leaf's threshold is -inf and its right child itself, so a walk that
-has reached its leaf stays there. The node table holds the feature index, threshold and right
-child of a node side by side (as float32: indices below 2**24 are exact) so that each level reads
-one row per tree; separate arrays cost three scattered reads.
+has reached its leaf stays there. A node's feature index and right child sit side by side in one
+integer table, so that a level reads one row per tree for both (separate arrays cost another
+scattered read). Indices stay integers: a TensorRT engine built with FP16 may store float
+constants as halves, which hold whole numbers only up to 2048.
 
 This module imports torch (training and export); serving runs the exported graph.
 """
@@ -39,7 +40,7 @@ from mol_props.errors import ConfigError
 
 LOGGER = logging.getLogger(__name__)
 
-MAX_NODES = 2**24  # node indices travel as float32 in the node table: exact below 2**24
+MAX_NODES = 2**31 - 1  # TensorRT may run int64 indices as int32
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,8 @@ class TreeEnsemble(nn.Module):
 
     def __init__(
         self,
-        nodes: Tensor,
+        links: Tensor,
+        thresholds: Tensor,
         leaf_values: Tensor,
         roots: Tensor,
         depth: int,
@@ -82,7 +84,8 @@ class TreeEnsemble(nn.Module):
         descriptor_count: int,
     ) -> None:
         super().__init__()
-        self.register_buffer("nodes", nodes)  # [Nn, 3] float32: feature, threshold, right child
+        self.register_buffer("links", links)  # [Nn, 2] int32: feature, right child
+        self.register_buffer("thresholds", thresholds)  # [Nn] float32 (-inf for leaves)
         self.register_buffer("leaf_values", leaf_values)  # [Nn] float32 (0 for splits)
         self.register_buffer("roots", roots)  # [R] int64, R = num_targets x trees per target
         self.depth = depth
@@ -104,10 +107,9 @@ class TreeEnsemble(nn.Module):
     def forward(self, features: Tensor) -> Tensor:
         node = self.roots.unsqueeze(0).expand(features.shape[0], -1)  # [B, R]
         for _ in range(self.depth):
-            row = self.nodes[node]  # [B, R, 3]
-            feature = row[..., 0].long()  # [B, R]
-            value = torch.gather(features, 1, feature)  # [B, R]
-            node = torch.where(value <= row[..., 1], node + 1, row[..., 2].long())  # [B, R]
+            link = self.links[node].long()  # [B, R, 2] (int32 table: half the memory to read)
+            value = torch.gather(features, 1, link[..., 0])  # [B, R] each tree's split feature
+            node = torch.where(value <= self.thresholds[node], node + 1, link[..., 1])  # [B, R]
         leaves = self.leaf_values[node]  # [B, R]
         return leaves @ self.tree_average  # [B, R] @ [R, T] -> [B, T]
 
@@ -121,7 +123,8 @@ class TreeEnsemble(nn.Module):
     def state(self) -> dict[str, object]:
         """Plain types and tensors for a checkpoint (torch.load(weights_only=True) reads them)."""
         return {
-            "nodes": self.nodes,
+            "links": self.links,
+            "thresholds": self.thresholds,
             "leaf_values": self.leaf_values,
             "roots": self.roots,
             "depth": self.depth,
@@ -175,7 +178,7 @@ def fit_forest(
         "forest: %d trees per target (depth %s, %d nodes) fitted on %d molecules in %.1f s",
         settings.trees,
         ensemble.depth,
-        ensemble.nodes.shape[0],
+        ensemble.thresholds.shape[0],
         len(features),
         time.perf_counter() - started,
     )
@@ -192,7 +195,7 @@ def flatten_trees(
     """scikit-learn decision trees -> one TreeEnsemble (the node table of the module docstring).
     `leaf_columns`: per tree, the class column holding the positive class (None: the positive
     class never occurred, probability 0), or -1 for a regression tree."""
-    tables, leaf_values, roots = [], [], []
+    links, thresholds, leaf_values, roots = [], [], [], []
     offset, depth = 0, 0
     for tree, column in zip(estimators, leaf_columns):
         structure = tree.tree_
@@ -202,11 +205,11 @@ def flatten_trees(
         if not (structure.children_left[splits] == splits + 1).all():
             raise ValueError("a tree whose left children do not follow their parents")
         ids = np.arange(size) + offset
-        table = np.empty((size, 3), dtype=np.float64)
-        table[:, 0] = np.where(is_leaf, 0, structure.feature)
-        table[:, 1] = np.where(is_leaf, -np.inf, float32_at_most(structure.threshold))
-        table[:, 2] = np.where(is_leaf, ids, structure.children_right + offset)
-        tables.append(table)
+        link = np.empty((size, 2), dtype=np.int32)
+        link[:, 0] = np.where(is_leaf, 0, structure.feature)
+        link[:, 1] = np.where(is_leaf, ids, structure.children_right + offset)
+        links.append(link)
+        thresholds.append(np.where(is_leaf, -np.inf, float32_at_most(structure.threshold)))
         leaf_values.append(np.where(is_leaf, _leaf_value(structure.value, column, task), 0.0))
         roots.append(offset)
         offset += size
@@ -217,7 +220,8 @@ def flatten_trees(
             "smaller model.forest_depth"
         )
     return TreeEnsemble(
-        nodes=torch.from_numpy(np.concatenate(tables).astype(np.float32)),
+        links=torch.from_numpy(np.concatenate(links)),
+        thresholds=torch.from_numpy(np.concatenate(thresholds).astype(np.float32)),
         leaf_values=torch.from_numpy(np.concatenate(leaf_values).astype(np.float32)),
         roots=torch.tensor(roots, dtype=torch.int64),
         depth=depth,
