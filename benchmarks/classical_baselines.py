@@ -32,6 +32,7 @@ from train_quality import REPO_ROOT, SPLITS, benchmark_table, mean_std
 from mol_props.commands import reported_errors
 from mol_props.config import compose_config
 from mol_props.featurize import MoleculeGraph, featurize_parallel
+from mol_props.forest import molecule_features_numpy
 from mol_props.metrics import regression_metrics, roc_auc
 
 METRIC = {"classification": "ROC-AUC", "regression": "RMSE"}
@@ -53,14 +54,17 @@ def read_split(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
 
 def feature_sets(graphs: list[MoleculeGraph], descriptor_count: int) -> dict[str, np.ndarray]:
     """The three feature matrices [M, *] described in the module docstring."""
-    descriptors = np.stack([graph.descriptors[:descriptor_count] for graph in graphs])
+    # The forest member's own features: what blend_cv.py validates is what `mol_props train` fits.
+    counted = molecule_features_numpy(
+        [graph.atom_features for graph in graphs],
+        [graph.descriptors for graph in graphs],
+        descriptor_count,
+    )  # [M, D' + F - 1]
     morgan = np.stack([graph.descriptors[descriptor_count:] for graph in graphs])
-    # Every atom column but the last (mass / 100) is a one-hot slot or a 0/1 flag.
-    atom_counts = np.stack([graph.atom_features[:, :-1].sum(axis=0) for graph in graphs])
     return {
-        "descriptors": descriptors,
-        "+ atom counts": np.hstack([descriptors, atom_counts]),
-        "+ atom counts + Morgan": np.hstack([descriptors, atom_counts, morgan]),
+        "descriptors": counted[:, :descriptor_count],
+        "+ atom counts": counted,
+        "+ atom counts + Morgan": np.hstack([counted, morgan]),
     }
 
 

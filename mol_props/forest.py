@@ -50,12 +50,19 @@ class ForestSettings:
     seed: int
 
 
+def atom_counts(atom_features: Tensor, atom_mask: Tensor) -> Tensor:
+    """Each atom column but the mass (the last, the only one not 0/1) summed over the real atoms
+    [B, F - 1]: how many aromatic carbons, sp3 nitrogens, charged atoms... (the GNN reads them
+    too, as log1p)."""
+    return (atom_features[..., :-1] * atom_mask.unsqueeze(-1)).sum(dim=1)  # [B, F - 1]
+
+
 def molecule_features(
     atom_features: Tensor, atom_mask: Tensor, descriptors: Tensor, descriptor_count: int
 ) -> Tensor:
     """What the forest reads [B, D' + F - 1]: the first `descriptor_count` descriptors (not the
-    Morgan counts) and each atom column but the mass summed over the real atoms."""
-    counts = (atom_features[..., :-1] * atom_mask.unsqueeze(-1)).sum(dim=1)  # [B, F - 1]
+    Morgan counts) and the atom counts."""
+    counts = atom_counts(atom_features, atom_mask)  # [B, F - 1]
     return torch.cat([descriptors[:, :descriptor_count], counts], dim=-1)
 
 

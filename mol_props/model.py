@@ -35,7 +35,7 @@ from torch_geometric.nn.dense import DenseGINConv, DenseGraphConv
 
 from mol_props.config import ModelConfig
 from mol_props.errors import ConfigError
-from mol_props.forest import TreeEnsemble
+from mol_props.forest import TreeEnsemble, atom_counts
 
 
 class AtomwiseMLP(nn.Module):
@@ -211,7 +211,7 @@ class MoleculeGNN(nn.Module):
             # Scaled so a typical molecule (~25 heavy atoms) gives values near the mean's.
             pooled = torch.cat([pooled, summed / self.sum_pooling_scale], dim=-1)  # [B, 2H]
         if self.use_atom_counts:
-            counts = (atom_features[..., :-1] * mask).sum(dim=1)  # [B, F - 1]
+            counts = atom_counts(atom_features, atom_mask)  # [B, F - 1]
             plain = torch.cat([plain, torch.log1p(counts)], dim=-1)  # [B, D' + F - 1]
         if self.use_descriptors:
             pooled = torch.cat([pooled, self.descriptor_mlp(plain)], dim=-1)  # [B, H + Hd]

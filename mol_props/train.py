@@ -260,44 +260,56 @@ def train_epoch(
 
 @torch.no_grad()
 def predict(
-    model: torch.nn.Module,
-    loader: DataLoader,
-    task: str,
-    scaling: Scaling,
-    forest: TreeEnsemble | None = None,
-    forest_weight: float = 0.0,
+    model: torch.nn.Module, loader: DataLoader, task: str, scaling: Scaling
 ) -> tuple[float, np.ndarray, np.ndarray]:
-    """(loss, predictions in user units [M, T], targets [M, T]) over a loader, in order: the
-    network's, averaged with the forest's when there is one (as the exported model does). The
-    loss is the network's alone."""
+    """(loss, predictions in user units [M, T], targets [M, T]) over a loader, in order."""
     model.eval()
-    losses, outputs, forest_outputs, targets = [], [], [], []
+    losses, outputs, targets = [], [], []
     for batch in loader:
         raw = model(
             batch["atom_features"], batch["adjacency"], batch["atom_mask"], batch["descriptors"]
         )  # [B, T]
         losses.append(masked_loss(raw, batch["targets"], task).item() * len(raw))
-        outputs.append(raw.float().cpu())
+        outputs.append(raw.float().cpu().numpy())
         targets.append(batch["targets"].cpu().numpy())
-        if forest is not None:  # on the CPU, where it was fitted
-            forest_outputs.append(
-                forest.molecule_forward(
-                    batch["atom_features"].cpu(),
-                    batch["atom_mask"].cpu(),
-                    batch["descriptors"].cpu(),
-                )
-            )  # [B, T]
-    raw_all = torch.cat(outputs)  # [M, T]
-    # Probabilities, or standardized values. torch's sigmoid: 1 / (1 + exp(-x)) in numpy
-    # overflows (and warns) for logits below -88.
-    values = torch.sigmoid(raw_all) if task == "classification" else raw_all
-    if forest is not None:
-        values = average_with_forest(values, torch.cat(forest_outputs), forest_weight)
-    values_all, target_values = values.numpy(), np.concatenate(targets)
-    if task != "classification":
-        values_all = values_all * scaling.std + scaling.mean
-        target_values = target_values * scaling.std + scaling.mean
-    return sum(losses) / max(len(raw_all), 1), values_all, target_values
+    raw_all = np.concatenate(outputs)
+    if task == "classification":
+        # torch's sigmoid: 1 / (1 + exp(-x)) in numpy overflows (and warns) for logits below -88.
+        values = torch.sigmoid(torch.from_numpy(raw_all)).numpy()
+        target_values = np.concatenate(targets)
+    else:
+        values = raw_all * scaling.std + scaling.mean
+        target_values = np.concatenate(targets) * scaling.std + scaling.mean
+    return sum(losses) / max(len(raw_all), 1), values, target_values
+
+
+@torch.no_grad()
+def forest_predict(
+    forest: TreeEnsemble, loader: DataLoader, task: str, scaling: Scaling
+) -> np.ndarray:
+    """The forest's predictions in user units [M, T] over a loader, in order (on the CPU, where
+    it was fitted)."""
+    values = torch.cat(
+        [
+            forest.molecule_forward(
+                batch["atom_features"].cpu(), batch["atom_mask"].cpu(), batch["descriptors"].cpu()
+            )
+            for batch in loader
+        ]
+    ).numpy()  # [M, T]
+    if task == "classification":
+        return values
+    return values * scaling.std + scaling.mean
+
+
+def with_forest(
+    network_values: np.ndarray, forest_values: np.ndarray, weight: float
+) -> np.ndarray:
+    """The exported model's average of the two members, in user units [M, T] (the same numbers:
+    for regression it averages standardized values, and unscaling is linear)."""
+    return average_with_forest(
+        torch.from_numpy(network_values), torch.from_numpy(forest_values), weight
+    ).numpy()
 
 
 def validate(
@@ -760,14 +772,8 @@ def _fit(
         )
         if forest is not None and not settings.refit:
             # The shipped pair, network and forest, both saw train only: val measures the pair.
-            _, val_values, val_targets = predict(
-                trainee.model,
-                trainee.val_loader,
-                task,
-                trainee.scaling,
-                forest,
-                config.model.forest_weight,
-            )
+            forest_values = forest_predict(forest, trainee.val_loader, task, trainee.scaling)
+            val_values = with_forest(val_values, forest_values, config.model.forest_weight)
             val_metrics = evaluate(val_targets, val_values, task, data.target_names)
     except BaseException as error:
         # MLflow's run statuses: stopped by the user, or failed.
@@ -783,23 +789,23 @@ def _fit(
             history, metric, run_directory / "learning_curves.png", refit_history
         )
     ]
-    forest_weight = config.model.forest_weight
     if trainee.test_loader is not None:
         _, test_values, test_targets = predict(
-            trainee.model, trainee.test_loader, task, trainee.scaling, forest, forest_weight
+            trainee.model, trainee.test_loader, task, trainee.scaling
         )
-        test_metrics = evaluate(test_targets, test_values, task, data.target_names)
         if forest is not None:
+            forest_values = forest_predict(forest, trainee.test_loader, task, trainee.scaling)
             # For comparison: each member alone on the same molecules.
-            for member, weight in (("network", 0.0), ("forest", 1.0)):
-                _, values, targets = predict(
-                    trainee.model, trainee.test_loader, task, trainee.scaling, forest, weight
+            for member, values in (("network", test_values), ("forest", forest_values)):
+                member_test_metrics[member] = evaluate(
+                    test_targets, values, task, data.target_names
                 )
-                member_test_metrics[member] = evaluate(targets, values, task, data.target_names)
                 if tracker is not None:
                     tracker.log_metrics(
                         {f"{member}_test_{k}": v for k, v in member_test_metrics[member].items()}
                     )
+            test_values = with_forest(test_values, forest_values, config.model.forest_weight)
+        test_metrics = evaluate(test_targets, test_values, task, data.target_names)
         figure_paths += evaluation_figures(
             test_targets, test_values, task, data.target_names, run_directory
         )
