@@ -14,8 +14,9 @@ order), so no held-out molecule shares a scaffold with a training one. For each 
   own scaffold split divides 8 : 1 into train and val for early stopping before the refit on
   both; its exported ONNX model then predicts the held-out fold;
 - one random forest per `--forests` entry [trees, depth] (depth 0 = unlimited; default 500 trees
-  of unlimited depth; nothing else tuned) on the descriptors and atom counts of
-  `classical_baselines.py`, fitted on the other folds. A served forest must be cheap: its cost
+  of unlimited depth; nothing else tuned) on the forest member's features (descriptors with the
+  configured Morgan counts, and atom counts; `--extra` may change them), fitted on the other
+  folds. A served forest must be cheap: its cost
   grows with trees x depth (`benchmarks/forest_cost.py`).
 It prints each fold's ROC-AUC for the GNN and each forest, then, for each forest and the GNN's
 share of the averaged probability from 0 to 1, the ROC-AUC over all out-of-fold predictions and
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import fire
 import numpy as np
-from classical_baselines import FOREST_TREES, feature_sets
+from classical_baselines import FOREST_TREES
 from sklearn.ensemble import RandomForestClassifier
 from train_quality import REPO_ROOT, benchmark_table, run_seed
 
@@ -43,6 +44,7 @@ from mol_props.commands import reported_errors
 from mol_props.config import compose_config
 from mol_props.data import scaffold_split
 from mol_props.featurize import MoleculeGraph, featurize_parallel
+from mol_props.forest import molecule_features_numpy
 from mol_props.metrics import roc_auc
 
 SHARES = np.round(np.linspace(0.0, 1.0, 11), 1)  # the GNN's share of the averaged probability
@@ -114,11 +116,16 @@ def cross_validate(
     given: no training) and of each forest (by name), and the folds."""
     smiles = [row["smiles"] for row in rows]
     labels = np.array([float(row["label"]) for row in rows])
-    preprocess = compose_config([]).preprocess
+    # The forest member's own features, from the featurizer `mol_props train` would use.
+    preprocess = compose_config(extra).preprocess
     results = featurize_parallel(smiles, preprocess, num_workers=0, progress=False, with_keys=True)
     featurized = np.array([isinstance(result, MoleculeGraph) for result in results])  # [M]
     graphs = [result for result in results if isinstance(result, MoleculeGraph)]
-    counted = feature_sets(graphs, len(preprocess.descriptors))["+ atom counts"]
+    counted = molecule_features_numpy(
+        [graph.atom_features for graph in graphs],
+        [graph.descriptors for graph in graphs],
+        graphs[0].descriptors.shape[0],  # all descriptor columns, Morgan counts included
+    )  # [M, D + F - 1]
     features = np.full((len(rows), counted.shape[1]), np.nan)
     features[featurized] = counted
     # An unfeaturizable molecule has no scaffold: it forms a group of its own.

@@ -46,7 +46,7 @@ def benchmark_features() -> tuple[np.ndarray, np.ndarray, int]:
     )
     kept = [i for i, result in enumerate(results) if isinstance(result, MoleculeGraph)]
     graphs = [results[i] for i in kept]
-    count = len(preprocess.descriptors)
+    count = graphs[0].descriptors.shape[0]  # all descriptor columns, as `mol_props train`
     features = molecule_features_numpy(
         [graph.atom_features for graph in graphs], [graph.descriptors for graph in graphs], count
     )

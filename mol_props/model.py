@@ -3,16 +3,19 @@
     atom_features [B, N, F] --embed--> h [B, N, H]
         -> num_layers x (DenseGINConv | DenseGraphConv, LayerNorm, ReLU, dropout, residual)
         -> masked mean pool                                     [B, H]
-    [standardized descriptors [B, D], log1p(atom counts) [B, F-1]] --MLP-->  [B, Hd]
+    [standardized descriptors [B, D'], log1p(atom counts) [B, F-1]] --MLP--> [B, Hd]
     concat -> MLP head -> logits / standardized values          [B, T]   (the GNN member)
+
+D' is the descriptor vector without the Morgan counts at its end.
 
 Atom counts (`model.atom_counts`) are each atom column but the mass summed over the real atoms:
 how many aromatic carbons, sp3 nitrogens, charged atoms... Mean pooling describes the typical atom
 and loses these amounts; computed inside the model, they cost the featurizer nothing.
 
-With Morgan counts in the descriptor vector and `model.fingerprint_hidden_dim` > 0, a second
-member, an MLP on the standardized descriptors and log1p(counts), gives its own [B, T]; the model's
-output is the weighted mean of the two. Each member is trained on its own loss (as two separately
+Morgan counts at the end of the descriptor vector (`preprocess.fingerprint.size`) are not the
+GNN's: the forest reads them, and with `model.fingerprint_hidden_dim` > 0 a second member, an MLP
+on the standardized descriptors and log1p(counts), gives its own [B, T]; the model's output is
+then the weighted mean of the two. Each member is trained on its own loss (as two separately
 trained models would be), because their errors differ: on the benchmark's validation split the
 pair beat either alone, while the counts fed into the GNN's descriptor MLP made it overfit within
 a few epochs.
@@ -100,7 +103,7 @@ class MoleculeGNN(nn.Module):
         descriptor_size: int,
         num_targets: int,
         config: ModelConfig,
-        fingerprint_size: int = 0,
+        fingerprint_size: int,
     ) -> None:
         super().__init__()
         hidden = config.hidden_dim
@@ -111,8 +114,9 @@ class MoleculeGNN(nn.Module):
         self.norms = nn.ModuleList([nn.LayerNorm(hidden) for _ in range(config.num_layers)])
         self.dropout = nn.Dropout(config.dropout)
         self.use_fingerprint = config.fingerprint_hidden_dim > 0 and fingerprint_size > 0
-        # With a fingerprint member the counts go to it alone; the GNN keeps the descriptors.
-        self.plain_size = descriptor_size - (fingerprint_size if self.use_fingerprint else 0)
+        # The counts go to the fingerprint member (if any) and the forest, never to the GNN: in its
+        # descriptor MLP they made it overfit within a few epochs.
+        self.plain_size = descriptor_size - fingerprint_size
         self.use_atom_counts = config.atom_counts and config.descriptor_hidden_dim > 0
         # Atom counts skip the mass column (the last), the only one that is not 0/1.
         self.count_size = atom_feature_size - 1 if self.use_atom_counts else 0

@@ -890,12 +890,12 @@ def _fit_forest(
 ) -> TreeEnsemble:
     """The forest member on the rows the shipped network trained on, from the features the model
     computes from its own inputs; regression targets standardized as the network's are."""
-    descriptor_count = len(config.preprocess.descriptors)  # not the Morgan counts after them
+    descriptor_count = data.graphs[rows[0]].descriptors.shape[0]  # all: Morgan counts included
     features = molecule_features_numpy(
         [data.graphs[i].atom_features for i in rows],
         [data.graphs[i].descriptors for i in rows],
         descriptor_count,
-    )  # [M, D' + F - 1]
+    )  # [M, D + F - 1]
     targets = data.targets[rows]  # [M, T]
     if config.data.task != "classification":
         targets = (targets - scaling.mean) / scaling.std

@@ -1,7 +1,7 @@
 """trtexec shape specs from an ONNX model's inputs, for scripts/onnx2trt.sh.
 
     python3 scripts/onnx_shapes.py models/model.onnx 1 256 256
-    -> atom_features:1x128x55,adjacency:1x128x128,atom_mask:1x128,descriptors:1x13   (one line
+    -> atom_features:1x128x55,adjacency:1x128x128,atom_mask:1x128,descriptors:1x269   (one line
        per batch size given: trtexec's --minShapes / --optShapes / --maxShapes)
 
 Standard library only: it runs inside the TensorRT and Triton containers, which have python3 but

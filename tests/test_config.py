@@ -66,7 +66,12 @@ def test_every_option_composes_with_its_own_values(group_option: tuple[str, str]
         composed = dataclasses.asdict(node)
         for key, value in values.items():
             if key not in overridden:
-                assert composed[key] == value, f"{group}={option}: {section}.{key}"
+                if isinstance(value, dict):  # a nested section: the keys the file sets
+                    for name, setting in value.items():
+                        where = f"{group}={option}: {section}.{key}.{name}"
+                        assert composed[key][name] == setting, where
+                else:
+                    assert composed[key] == value, f"{group}={option}: {section}.{key}"
 
 
 def test_every_group_folder_is_a_config_section():
@@ -142,7 +147,11 @@ def test_a_mapping_setting_takes_the_form_people_type(prefix: str):
         (["train.learning_rate=0"], ConfigError, "train.learning_rate=0.0: must be positive"),
         (["infer.num_workers=-1"], ConfigError, "infer.num_workers=-1: must be 0 or more"),
         (["data.target_columns=[]"], ConfigError, "data.target_columns is empty"),
-        (["preprocess.descriptors=[]"], ConfigError, "model.descriptor_hidden_dim=0"),
+        (
+            ["preprocess.descriptors=[]", "preprocess.fingerprint.size=0"],
+            ConfigError,
+            "model.descriptor_hidden_dim=0",
+        ),
         (["serving.http_port=70000"], ConfigError, "serving.http_port=70000: a port is"),
         (["serving.grpc_port=8000"], ConfigError, "ports must differ"),
         (["data.target_columns=[y,y]"], ConfigError, r"\['y'\] listed more than once"),

@@ -606,6 +606,9 @@ def test_worker_results_come_back_bit_for_bit(featurizer: Featurizer):
     packed = _PackedChunk.pack(results)
     assert not isinstance(packed.atom_features, np.ndarray)  # sent as (bits, last column)
     assert packed.adjacency.dtype == np.uint8
+    small, as_bytes, rest = packed.descriptors  # Morgan counts as bytes, TPSA... as float32
+    assert small[-featurizer.config.fingerprint.size :].all() and as_bytes.dtype == np.uint8
+    assert rest.shape[1] > 0
     assert_same_results(pickle.loads(pickle.dumps(packed)).unpack(), results)
 
 
@@ -613,10 +616,11 @@ def test_packing_sends_values_it_cannot_compress_as_they_are():
     graph = MoleculeGraph(
         atom_features=np.array([[1.0, 0.5, 0.12], [0.0, 1.0, 0.14]], dtype=np.float32),
         adjacency=np.array([[0.0, 0.25], [0.25, 0.0]], dtype=np.float32),
-        descriptors=np.array([3.0], dtype=np.float32),
+        descriptors=np.array([3.0, 2.5, 256.0, -1.0], dtype=np.float32),
     )
     packed = _PackedChunk.pack([graph])
     assert packed.atom_features.dtype == packed.adjacency.dtype == np.float32
+    assert packed.descriptors[0].tolist() == [True, False, False, False]  # only 3.0 is a byte
     assert_same_results(packed.unpack(), [graph])
 
 

@@ -47,7 +47,7 @@ def _features(graphs: list[MoleculeGraph], featurizer: Featurizer) -> np.ndarray
     return molecule_features_numpy(
         [graph.atom_features for graph in graphs],
         [graph.descriptors for graph in graphs],
-        len(featurizer.config.descriptors),
+        featurizer.descriptor_size,
     )
 
 
@@ -59,7 +59,7 @@ def _padded(graphs: list[MoleculeGraph], featurizer: Featurizer, atoms: int) -> 
 def test_features_from_padded_inputs_match_the_unpadded_molecules(molecules):
     graphs, _, _, featurizer = molecules
     expected = _features(graphs[:20], featurizer)
-    descriptor_count = len(featurizer.config.descriptors)
+    descriptor_count = featurizer.descriptor_size
     for atoms in (64, 128):  # more padding changes nothing
         inputs = _padded(graphs[:20], featurizer, atoms)
         features = molecule_features(
@@ -73,7 +73,7 @@ def test_classification_forest_equals_scikit_learn_on_new_molecules(molecules, d
     graphs, labels, _, featurizer = molecules
     features = _features(graphs, featurizer)
     settings = ForestSettings(trees=25, depth=depth, seed=3)
-    descriptor_count = len(featurizer.config.descriptors)
+    descriptor_count = featurizer.descriptor_size
     ensemble = fit_forest(
         features[:120], labels[:120, None], "classification", settings, descriptor_count
     )
@@ -101,7 +101,7 @@ def test_regression_forests_per_target_use_only_their_labelled_molecules(molecul
         targets,
         "regression",
         ForestSettings(trees=10, depth=0, seed=0),
-        len(featurizer.config.descriptors),
+        featurizer.descriptor_size,
     )
     with torch.no_grad():
         predicted = ensemble(torch.from_numpy(features[120:])).numpy()  # [40, 2]
@@ -123,7 +123,7 @@ def test_a_target_with_one_class_gives_that_class(molecules, label):
         np.full((30, 1), label),
         "classification",
         ForestSettings(trees=3, depth=0, seed=0),
-        len(featurizer.config.descriptors),
+        featurizer.descriptor_size,
     )
     with torch.no_grad():
         assert (ensemble(torch.from_numpy(features)) == label).all()
@@ -151,7 +151,7 @@ def test_checkpoint_state_and_onnx_runtime_give_the_same_probabilities(molecules
         labels[:, None],
         "classification",
         ForestSettings(trees=15, depth=0, seed=1),
-        len(featurizer.config.descriptors),
+        featurizer.descriptor_size,
     )
     # Node numbers stay integers in the graph: an FP16 TensorRT engine may keep float constants
     # as halves, exact only up to 2048.
@@ -170,7 +170,11 @@ def test_checkpoint_state_and_onnx_runtime_give_the_same_probabilities(molecules
     config = compose_config([])
     torch.manual_seed(0)
     network = MoleculeGNN(
-        featurizer.atom_feature_size, featurizer.descriptor_size, 1, config.model
+        featurizer.atom_feature_size,
+        featurizer.descriptor_size,
+        1,
+        config.model,
+        config.preprocess.fingerprint.size,
     ).eval()
     model = PredictionModel(
         network, "classification", torch.zeros(1), torch.ones(1), restored, forest_weight=0.4

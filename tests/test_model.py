@@ -159,6 +159,29 @@ def test_fingerprint_member_is_averaged_with_the_gnn():
     assert not torch.allclose(changed[..., 1], members[..., 1])
 
 
+def test_without_a_fingerprint_member_the_gnn_ignores_the_morgan_counts():
+    """The default: the featurizer computes counts for the forest; the GNN must not read them."""
+    config = compose_config(["preprocess.fingerprint.size=64", "model.fingerprint_hidden_dim=0"])
+    featurizer = Featurizer(config.preprocess)
+    torch.manual_seed(0)
+    model = MoleculeGNN(
+        featurizer.atom_feature_size, featurizer.descriptor_size, 2, config.model, 64
+    ).eval()
+    assert model.fingerprint_mlp is None and model.plain_size == len(config.preprocess.descriptors)
+    graphs = [featurizer(smiles) for smiles in MOLECULES]
+    inputs = pad_graphs(graphs, 32, featurizer.descriptor_size, len(featurizer)).as_inputs()
+    tensors = [torch.from_numpy(inputs[name]) for name in inputs]
+    changed = [tensor.clone() for tensor in tensors]
+    changed[3][:, -64:] += 3.0  # other Morgan counts
+    changed[3][:, 0] += 100.0  # and, as a control, another molecular weight
+    with torch.no_grad():
+        original = model(*tensors)
+        counts_only = model(*tensors[:3], torch.cat([tensors[3][:, :-64], changed[3][:, -64:]], 1))
+        weight_too = model(*changed)
+    torch.testing.assert_close(counts_only, original)
+    assert not torch.allclose(weight_too, original)
+
+
 class _InputRecorder(torch.nn.Module):
     """Stands in for the descriptor MLP's first layer: keeps what it is given."""
 
@@ -176,26 +199,26 @@ class _InputRecorder(torch.nn.Module):
 def test_atom_counts_are_log1p_of_each_slot_over_real_atoms(atom_counts: bool):
     config = compose_config([f"model.atom_counts={str(atom_counts).lower()}"])
     featurizer = Featurizer(config.preprocess)
+    fingerprint_size = config.preprocess.fingerprint.size
     model = MoleculeGNN(
-        featurizer.atom_feature_size, featurizer.descriptor_size, 1, config.model
+        featurizer.atom_feature_size, featurizer.descriptor_size, 1, config.model, fingerprint_size
     ).eval()
+    plain_size = featurizer.descriptor_size - fingerprint_size  # the GNN skips the Morgan counts
     recorder = _InputRecorder(model.descriptor_mlp[0])
     model.descriptor_mlp[0] = recorder
     graphs = [featurizer(smiles) for smiles in MOLECULES]
     inputs = pad_graphs(graphs, 32, featurizer.descriptor_size, len(featurizer)).as_inputs()
     inputs["atom_features"][inputs["atom_mask"] == 0] = 7.0  # garbage in the padding rows
     _run(model, inputs)
-    (seen,) = recorder.inputs  # [B, D + F - 1] or [B, D]
+    (seen,) = recorder.inputs  # [B, D' + F - 1] or [B, D'], D' = descriptors without counts
     scaled = (torch.from_numpy(inputs["descriptors"]) - model.descriptor_mean) / (
         model.descriptor_std
     )
-    torch.testing.assert_close(seen[:, : featurizer.descriptor_size], scaled)
+    torch.testing.assert_close(seen[:, :plain_size], scaled[:, :plain_size])
     if not atom_counts:
-        assert seen.shape[1] == featurizer.descriptor_size
+        assert seen.shape[1] == plain_size
         return
     # Ethanol: 2 carbons, 1 oxygen; every atom column but the mass (the last) counted.
     expected = np.stack([graph.atom_features[:, :-1].sum(axis=0) for graph in graphs])
     assert expected[0, featurizer.config.atom.elements.index(6)] == 2
-    torch.testing.assert_close(
-        seen[:, featurizer.descriptor_size :], torch.log1p(torch.from_numpy(expected))
-    )
+    torch.testing.assert_close(seen[:, plain_size:], torch.log1p(torch.from_numpy(expected)))

@@ -54,7 +54,11 @@ def test_a_few_steps_lower_the_loss(tmp_path, molecules_csv):
     featurizer = Featurizer(config.preprocess)
     torch.manual_seed(0)
     network = MoleculeGNN(
-        featurizer.atom_feature_size, featurizer.descriptor_size, 1, config.model
+        featurizer.atom_feature_size,
+        featurizer.descriptor_size,
+        1,
+        config.model,
+        config.preprocess.fingerprint.size,
     )
     descriptors = np.stack([graph.descriptors for graph in data.graphs])
     network.set_descriptor_scaling(
@@ -133,7 +137,11 @@ def test_an_epoch_moves_the_weights_with_or_without_clipping(
     featurizer = Featurizer(config.preprocess)
     torch.manual_seed(0)
     network = MoleculeGNN(
-        featurizer.atom_feature_size, featurizer.descriptor_size, 1, config.model
+        featurizer.atom_feature_size,
+        featurizer.descriptor_size,
+        1,
+        config.model,
+        config.preprocess.fingerprint.size,
     )
     before = [parameter.detach().clone() for parameter in network.parameters()]
     fabric = train.make_fabric(config.train)
@@ -300,7 +308,7 @@ def test_forest_member_fits_the_shipped_rows_and_the_exported_model_scores_the_t
 
     # The forest is scikit-learn's, fitted on the rows the refit network saw (train + val).
     data = prepare_data(config.data, config.preprocess, progress=False)
-    count = len(config.preprocess.descriptors)
+    count = data.graphs[0].descriptors.shape[0]  # Morgan counts included
 
     def features(rows: np.ndarray) -> np.ndarray:
         graphs = [data.graphs[i] for i in rows]
@@ -348,7 +356,11 @@ def test_init_from_copies_all_but_the_output_layers(tmp_path, molecules_csv):
     featurizer = Featurizer(config.preprocess)
     torch.manual_seed(1)
     network = MoleculeGNN(
-        featurizer.atom_feature_size, featurizer.descriptor_size, 1, config.model
+        featurizer.atom_feature_size,
+        featurizer.descriptor_size,
+        1,
+        config.model,
+        config.preprocess.fingerprint.size,
     )
     fresh = {name: tensor.clone() for name, tensor in network.state_dict().items()}
 
@@ -363,7 +375,13 @@ def test_init_from_copies_all_but_the_output_layers(tmp_path, molecules_csv):
         torch.testing.assert_close(state[name], fresh[name], rtol=0, atol=0)
 
     wider = _config(tmp_path / "other", molecules_csv, "model.hidden_dim=48")
-    other = MoleculeGNN(featurizer.atom_feature_size, featurizer.descriptor_size, 1, wider.model)
+    other = MoleculeGNN(
+        featurizer.atom_feature_size,
+        featurizer.descriptor_size,
+        1,
+        wider.model,
+        wider.preprocess.fingerprint.size,
+    )
     with pytest.raises(ValueError, match="tensors differ from this model"):
         train.initialize_from(other, source.checkpoint)
     with pytest.raises(FileNotFoundError, match="init_from"):
