@@ -108,6 +108,9 @@ class ModelConfig:
     forest_trees: int = 0
     forest_depth: int = 0  # 0 = grow until the leaves are pure
     forest_weight: float = 0.5  # its share of the averaged output
+    # The share of the features each split chooses from; 0 = scikit-learn's default (the square
+    # root of their number for classification, all of them for regression).
+    forest_max_features: float = 0.0
     head_hidden_dim: int = MISSING
     head_layers: int = MISSING
 
@@ -369,6 +372,11 @@ def check_ranges(config: Config) -> None:
         raise ConfigError(f"model.fingerprint_weight={value}: a share, in [0, 1]")
     if not 0.0 <= (value := config.model.forest_weight) <= 1.0:
         raise ConfigError(f"model.forest_weight={value}: a share, in [0, 1]")
+    if not 0.0 <= (value := config.model.forest_max_features) <= 1.0:
+        raise ConfigError(
+            f"model.forest_max_features={value}: a share of the features, in (0, 1], or 0 for "
+            "scikit-learn's default"
+        )
 
 
 def _settings(node: object, prefix: str = "") -> Iterator[tuple[str, object]]:

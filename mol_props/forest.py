@@ -50,6 +50,9 @@ class ForestSettings:
     trees: int  # per target; 0 = no forest
     depth: int  # 0 = grow until the leaves are pure
     seed: int
+    # Share of the features each split chooses from; 0 = scikit-learn's default (sqrt of their
+    # number for classification, all for regression).
+    max_features: float = 0.0
 
 
 def atom_counts(atom_features: Tensor, atom_mask: Tensor) -> Tensor:
@@ -163,6 +166,8 @@ def fit_forest(
         raise ConfigError(f"model.forest_trees={settings.trees}: fit_forest needs at least 1")
     started = time.perf_counter()
     forest_class = RandomForestClassifier if task == "classification" else RandomForestRegressor
+    default_max_features = "sqrt" if task == "classification" else 1.0
+    max_features = settings.max_features or default_max_features
     estimators, leaf_columns = [], []
     for k in range(targets.shape[1]):
         labelled = ~np.isnan(targets[:, k])
@@ -171,6 +176,7 @@ def fit_forest(
         forest = forest_class(
             n_estimators=settings.trees,
             max_depth=settings.depth or None,
+            max_features=max_features,
             n_jobs=-1,
             random_state=settings.seed,
         )

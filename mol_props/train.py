@@ -900,7 +900,10 @@ def _fit_forest(
     if config.data.task != "classification":
         targets = (targets - scaling.mean) / scaling.std
     settings = ForestSettings(
-        trees=config.model.forest_trees, depth=config.model.forest_depth, seed=config.train.seed
+        trees=config.model.forest_trees,
+        depth=config.model.forest_depth,
+        seed=config.train.seed,
+        max_features=config.model.forest_max_features,
     )
     return fit_forest(features, targets, config.data.task, settings, descriptor_count)
 

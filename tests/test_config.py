@@ -145,6 +145,16 @@ def test_a_mapping_setting_takes_the_form_people_type(prefix: str):
             r"model.dropout=1.0: a dropout rate must be in \[0, 1\)",
         ),
         (["train.learning_rate=0"], ConfigError, "train.learning_rate=0.0: must be positive"),
+        (
+            ["model.forest_weight=1.5"],
+            ConfigError,
+            r"model.forest_weight=1.5: a share, in \[0, 1\]",
+        ),
+        (
+            ["model.forest_max_features=1.5"],
+            ConfigError,
+            r"model.forest_max_features=1.5: a share of the features",
+        ),
         (["infer.num_workers=-1"], ConfigError, "infer.num_workers=-1: must be 0 or more"),
         (["data.target_columns=[]"], ConfigError, "data.target_columns is empty"),
         (

@@ -91,7 +91,8 @@ def test_classification_forest_equals_scikit_learn_on_new_molecules(molecules, d
         assert ensemble.depth == depth
 
 
-def test_regression_forests_per_target_use_only_their_labelled_molecules(molecules):
+@pytest.mark.parametrize("max_features", [0.0, 0.33])  # scikit-learn's default, a share
+def test_regression_forests_per_target_use_only_their_labelled_molecules(molecules, max_features):
     graphs, _, values, featurizer = molecules
     features = _features(graphs, featurizer)
     targets = np.stack([values, -values], axis=1)[:120]  # [120, 2]
@@ -100,14 +101,16 @@ def test_regression_forests_per_target_use_only_their_labelled_molecules(molecul
         features[:120],
         targets,
         "regression",
-        ForestSettings(trees=10, depth=0, seed=0),
+        ForestSettings(trees=10, depth=0, seed=0, max_features=max_features),
         featurizer.descriptor_size,
     )
     with torch.no_grad():
         predicted = ensemble(torch.from_numpy(features[120:])).numpy()  # [40, 2]
     for k in range(2):
         labelled = ~np.isnan(targets[:, k])
-        reference = RandomForestRegressor(10, n_jobs=-1, random_state=0)
+        reference = RandomForestRegressor(
+            10, max_features=max_features or 1.0, n_jobs=-1, random_state=0
+        )
         reference.fit(features[:120][labelled], targets[labelled, k])
         np.testing.assert_allclose(
             predicted[:, k], reference.predict(features[120:]), rtol=1e-5, atol=1e-5
