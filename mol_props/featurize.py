@@ -615,9 +615,10 @@ def _pack_descriptors(descriptors: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     """[G, D] float32 -> (which columns are whole numbers 0-255 [D] bool, those columns [G, K]
     uint8, the rest [G, D - K] float32). Morgan counts and most named counts are small whole
     numbers: as bytes they take a quarter of the pipe. Checked per chunk and column, exact."""
-    as_bytes = descriptors.astype(np.uint8)
-    small = np.all(as_bytes == descriptors, axis=0)  # [D]
-    return small, as_bytes[:, small], descriptors[:, ~small]
+    # Compared before the cast: casting NaN or values outside 0-255 to uint8 is undefined.
+    whole = (descriptors >= 0) & (descriptors <= 255) & (descriptors == np.floor(descriptors))
+    small = np.all(whole, axis=0)  # [D]
+    return small, descriptors[:, small].astype(np.uint8), descriptors[:, ~small]
 
 
 def _unpack_descriptors(packed: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:

@@ -616,11 +616,11 @@ def test_packing_sends_values_it_cannot_compress_as_they_are():
     graph = MoleculeGraph(
         atom_features=np.array([[1.0, 0.5, 0.12], [0.0, 1.0, 0.14]], dtype=np.float32),
         adjacency=np.array([[0.0, 0.25], [0.25, 0.0]], dtype=np.float32),
-        descriptors=np.array([3.0, 2.5, 256.0, -1.0], dtype=np.float32),
+        descriptors=np.array([3.0, 2.5, 256.0, -1.0, np.nan, np.inf], dtype=np.float32),
     )
     packed = _PackedChunk.pack([graph])
     assert packed.atom_features.dtype == packed.adjacency.dtype == np.float32
-    assert packed.descriptors[0].tolist() == [True, False, False, False]  # only 3.0 is a byte
+    assert packed.descriptors[0].tolist() == [True] + [False] * 5  # only 3.0 is a byte
     assert_same_results(packed.unpack(), [graph])
 
 
