@@ -44,7 +44,7 @@ from mol_props.commands import reported_errors
 from mol_props.config import compose_config
 from mol_props.data import scaffold_split
 from mol_props.featurize import MoleculeGraph, featurize_parallel
-from mol_props.forest import molecule_features_numpy
+from mol_props.forest import forest_features
 from mol_props.metrics import roc_auc
 
 SHARES = np.round(np.linspace(0.0, 1.0, 11), 1)  # the GNN's share of the averaged probability
@@ -121,11 +121,7 @@ def cross_validate(
     results = featurize_parallel(smiles, preprocess, num_workers=0, progress=False, with_keys=True)
     featurized = np.array([isinstance(result, MoleculeGraph) for result in results])  # [M]
     graphs = [result for result in results if isinstance(result, MoleculeGraph)]
-    counted = molecule_features_numpy(
-        [graph.atom_features for graph in graphs],
-        [graph.descriptors for graph in graphs],
-        graphs[0].descriptors.shape[0],  # all descriptor columns, Morgan counts included
-    )  # [M, D + F - 1]
+    counted = forest_features(graphs)  # [M, D + F - 1]
     features = np.full((len(rows), counted.shape[1]), np.nan)
     features[featurized] = counted
     # An unfeaturizable molecule has no scaffold: it forms a group of its own.

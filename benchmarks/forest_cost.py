@@ -29,7 +29,7 @@ from train_quality import REPO_ROOT, benchmark_table
 from mol_props.commands import reported_errors
 from mol_props.config import compose_config
 from mol_props.featurize import MoleculeGraph, featurize_parallel
-from mol_props.forest import ForestSettings, fit_forest, molecule_features_numpy
+from mol_props.forest import ForestSettings, fit_forest, forest_features
 
 BATCH = 64
 
@@ -46,12 +46,8 @@ def benchmark_features() -> tuple[np.ndarray, np.ndarray, int]:
     )
     kept = [i for i, result in enumerate(results) if isinstance(result, MoleculeGraph)]
     graphs = [results[i] for i in kept]
-    count = graphs[0].descriptors.shape[0]  # all descriptor columns, as `mol_props train`
-    features = molecule_features_numpy(
-        [graph.atom_features for graph in graphs], [graph.descriptors for graph in graphs], count
-    )
     labels = np.array([float(rows[i]["label"]) for i in kept])
-    return features, labels, count
+    return forest_features(graphs), labels, graphs[0].descriptors.shape[0]
 
 
 def time_forest(path: Path, features: np.ndarray, threads: int, repeats: int) -> float:

@@ -32,13 +32,18 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from mol_props.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: the featurizer's module imports RDKit
+    from mol_props.featurize import MoleculeGraph
 
 LOGGER = logging.getLogger(__name__)
 
@@ -79,6 +84,16 @@ def molecule_features_numpy(
     counts = np.stack([atoms[:, :-1].sum(axis=0) for atoms in atom_features])  # [M, F - 1]
     plain = np.stack([values[:descriptor_count] for values in descriptors])  # [M, D']
     return np.hstack([plain, counts]).astype(np.float32)
+
+
+def forest_features(graphs: Sequence[MoleculeGraph]) -> np.ndarray:
+    """What `mol_props train` fits the forest member on: every descriptor column (the Morgan
+    counts included) and the atom counts, [M, D + F - 1] float32."""
+    return molecule_features_numpy(
+        [graph.atom_features for graph in graphs],
+        [graph.descriptors for graph in graphs],
+        graphs[0].descriptors.shape[0],
+    )
 
 
 class TreeEnsemble(nn.Module):

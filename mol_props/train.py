@@ -33,7 +33,7 @@ from mol_props.config import Config, TrainConfig, to_flat_dict
 from mol_props.data import PreparedData, prepare_data
 from mol_props.errors import ConfigError, MolPropsError
 from mol_props.featurize import Featurizer, MoleculeGraph, pad_graphs
-from mol_props.forest import ForestSettings, TreeEnsemble, fit_forest, molecule_features_numpy
+from mol_props.forest import ForestSettings, TreeEnsemble, fit_forest, forest_features
 from mol_props.metrics import MONITORED, evaluate
 from mol_props.model import MoleculeGNN, average_with_forest
 from mol_props.tracking import RunLogger, git_state
@@ -890,12 +890,8 @@ def _fit_forest(
 ) -> TreeEnsemble:
     """The forest member on the rows the shipped network trained on, from the features the model
     computes from its own inputs; regression targets standardized as the network's are."""
-    descriptor_count = data.graphs[rows[0]].descriptors.shape[0]  # all: Morgan counts included
-    features = molecule_features_numpy(
-        [data.graphs[i].atom_features for i in rows],
-        [data.graphs[i].descriptors for i in rows],
-        descriptor_count,
-    )  # [M, D + F - 1]
+    features = forest_features([data.graphs[i] for i in rows])  # [M, D + F - 1]
+    descriptor_count = data.graphs[rows[0]].descriptors.shape[0]  # D: all of them
     targets = data.targets[rows]  # [M, T]
     if config.data.task != "classification":
         targets = (targets - scaling.mean) / scaling.std

@@ -36,6 +36,20 @@ def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def new_network(featurizer, model_config, num_targets: int = 1):
+    """A fresh MoleculeGNN sized for `featurizer`'s output, as `mol_props train` builds it (the
+    Morgan counts, if any, are the last `fingerprint.size` descriptor columns)."""
+    from mol_props.model import MoleculeGNN  # torch: only the tests that build a network
+
+    return MoleculeGNN(
+        featurizer.atom_feature_size,
+        featurizer.descriptor_size,
+        num_targets,
+        model_config,
+        featurizer.config.fingerprint.size,
+    )
+
+
 def run_process(
     args: list[str],
     cwd: Path = REPO_ROOT,

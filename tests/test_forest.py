@@ -17,11 +17,11 @@ from mol_props.forest import (
     TreeEnsemble,
     fit_forest,
     float32_at_most,
+    forest_features,
     molecule_features,
-    molecule_features_numpy,
 )
-from mol_props.model import MoleculeGNN, PredictionModel
-from tests.conftest import b3db_rows
+from mol_props.model import PredictionModel
+from tests.conftest import b3db_rows, new_network
 
 INPUT_NAMES = ["atom_features", "adjacency", "atom_mask", "descriptors"]
 
@@ -43,14 +43,6 @@ def molecules() -> tuple[list[MoleculeGraph], np.ndarray, np.ndarray, Featurizer
     return graphs, labels, values, featurizer
 
 
-def _features(graphs: list[MoleculeGraph], featurizer: Featurizer) -> np.ndarray:
-    return molecule_features_numpy(
-        [graph.atom_features for graph in graphs],
-        [graph.descriptors for graph in graphs],
-        featurizer.descriptor_size,
-    )
-
-
 def _padded(graphs: list[MoleculeGraph], featurizer: Featurizer, atoms: int) -> dict:
     batch = pad_graphs(graphs, atoms, featurizer.descriptor_size, featurizer.atom_feature_size)
     return {name: torch.from_numpy(array) for name, array in batch.as_inputs().items()}
@@ -58,7 +50,7 @@ def _padded(graphs: list[MoleculeGraph], featurizer: Featurizer, atoms: int) -> 
 
 def test_features_from_padded_inputs_match_the_unpadded_molecules(molecules):
     graphs, _, _, featurizer = molecules
-    expected = _features(graphs[:20], featurizer)
+    expected = forest_features(graphs[:20])
     descriptor_count = featurizer.descriptor_size
     for atoms in (64, 128):  # more padding changes nothing
         inputs = _padded(graphs[:20], featurizer, atoms)
@@ -71,7 +63,7 @@ def test_features_from_padded_inputs_match_the_unpadded_molecules(molecules):
 @pytest.mark.parametrize("depth", [0, 3])
 def test_classification_forest_equals_scikit_learn_on_new_molecules(molecules, depth):
     graphs, labels, _, featurizer = molecules
-    features = _features(graphs, featurizer)
+    features = forest_features(graphs)
     settings = ForestSettings(trees=25, depth=depth, seed=3)
     descriptor_count = featurizer.descriptor_size
     ensemble = fit_forest(
@@ -94,7 +86,7 @@ def test_classification_forest_equals_scikit_learn_on_new_molecules(molecules, d
 @pytest.mark.parametrize("max_features", [0.0, 0.33])  # scikit-learn's default, a share
 def test_regression_forests_per_target_use_only_their_labelled_molecules(molecules, max_features):
     graphs, _, values, featurizer = molecules
-    features = _features(graphs, featurizer)
+    features = forest_features(graphs)
     targets = np.stack([values, -values], axis=1)[:120]  # [120, 2]
     targets[::3, 1] = np.nan  # the second target misses a third of its labels
     ensemble = fit_forest(
@@ -120,7 +112,7 @@ def test_regression_forests_per_target_use_only_their_labelled_molecules(molecul
 @pytest.mark.parametrize("label", [0.0, 1.0])
 def test_a_target_with_one_class_gives_that_class(molecules, label):
     graphs, _, _, featurizer = molecules
-    features = _features(graphs[:30], featurizer)
+    features = forest_features(graphs[:30])
     ensemble = fit_forest(
         features,
         np.full((30, 1), label),
@@ -148,7 +140,7 @@ def test_thresholds_round_down_so_float32_values_go_the_same_way():
 
 def test_checkpoint_state_and_onnx_runtime_give_the_same_probabilities(molecules, tmp_path):
     graphs, labels, _, featurizer = molecules
-    features = _features(graphs, featurizer)
+    features = forest_features(graphs)
     ensemble = fit_forest(
         features,
         labels[:, None],
@@ -172,13 +164,7 @@ def test_checkpoint_state_and_onnx_runtime_give_the_same_probabilities(molecules
     # `mol_props export` exports it.
     config = compose_config([])
     torch.manual_seed(0)
-    network = MoleculeGNN(
-        featurizer.atom_feature_size,
-        featurizer.descriptor_size,
-        1,
-        config.model,
-        config.preprocess.fingerprint.size,
-    ).eval()
+    network = new_network(featurizer, config.model).eval()
     model = PredictionModel(
         network, "classification", torch.zeros(1), torch.ones(1), restored, forest_weight=0.4
     ).eval()

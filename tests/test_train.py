@@ -26,11 +26,11 @@ from mol_props.data import prepare_data
 from mol_props.errors import ConfigError
 from mol_props.featurize import Featurizer
 from mol_props.infer import ModelMetadata
-from mol_props.model import MoleculeGNN
 from mol_props.tracking import RunLogger
 from tests.conftest import (
     REPO_ROOT,
     TINY_MODEL,
+    new_network,
     run_process,
     workspace_overrides,
     write_molecule_csv,
@@ -53,13 +53,7 @@ def test_a_few_steps_lower_the_loss(tmp_path, molecules_csv):
     data = prepare_data(config.data, config.preprocess, progress=False)
     featurizer = Featurizer(config.preprocess)
     torch.manual_seed(0)
-    network = MoleculeGNN(
-        featurizer.atom_feature_size,
-        featurizer.descriptor_size,
-        1,
-        config.model,
-        config.preprocess.fingerprint.size,
-    )
+    network = new_network(featurizer, config.model)
     descriptors = np.stack([graph.descriptors for graph in data.graphs])
     network.set_descriptor_scaling(
         torch.from_numpy(descriptors.mean(0)), torch.from_numpy(descriptors.std(0))
@@ -136,13 +130,7 @@ def test_an_epoch_moves_the_weights_with_or_without_clipping(
     data = prepare_data(config.data, config.preprocess, progress=False)
     featurizer = Featurizer(config.preprocess)
     torch.manual_seed(0)
-    network = MoleculeGNN(
-        featurizer.atom_feature_size,
-        featurizer.descriptor_size,
-        1,
-        config.model,
-        config.preprocess.fingerprint.size,
-    )
+    network = new_network(featurizer, config.model)
     before = [parameter.detach().clone() for parameter in network.parameters()]
     fabric = train.make_fabric(config.train)
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3, weight_decay=0.0)
@@ -295,7 +283,7 @@ def test_forest_member_fits_the_shipped_rows_and_the_exported_model_scores_the_t
 ):
     from sklearn.ensemble import RandomForestClassifier
 
-    from mol_props.forest import TreeEnsemble, molecule_features_numpy
+    from mol_props.forest import TreeEnsemble, forest_features
     from mol_props.infer import LocalPredictor
     from mol_props.metrics import roc_auc
 
@@ -308,15 +296,9 @@ def test_forest_member_fits_the_shipped_rows_and_the_exported_model_scores_the_t
 
     # The forest is scikit-learn's, fitted on the rows the refit network saw (train + val).
     data = prepare_data(config.data, config.preprocess, progress=False)
-    count = data.graphs[0].descriptors.shape[0]  # Morgan counts included
 
     def features(rows: np.ndarray) -> np.ndarray:
-        graphs = [data.graphs[i] for i in rows]
-        return molecule_features_numpy(
-            [graph.atom_features for graph in graphs],
-            [graph.descriptors for graph in graphs],
-            count,
-        )
+        return forest_features([data.graphs[i] for i in rows])  # Morgan counts included
 
     fitted = np.concatenate([data.splits["train"], data.splits["val"]])
     test = data.splits["test"]
@@ -355,13 +337,7 @@ def test_init_from_copies_all_but_the_output_layers(tmp_path, molecules_csv):
     config = _config(tmp_path / "target", molecules_csv)
     featurizer = Featurizer(config.preprocess)
     torch.manual_seed(1)
-    network = MoleculeGNN(
-        featurizer.atom_feature_size,
-        featurizer.descriptor_size,
-        1,
-        config.model,
-        config.preprocess.fingerprint.size,
-    )
+    network = new_network(featurizer, config.model)
     fresh = {name: tensor.clone() for name, tensor in network.state_dict().items()}
 
     copied = train.initialize_from(network, source.checkpoint)
@@ -375,13 +351,7 @@ def test_init_from_copies_all_but_the_output_layers(tmp_path, molecules_csv):
         torch.testing.assert_close(state[name], fresh[name], rtol=0, atol=0)
 
     wider = _config(tmp_path / "other", molecules_csv, "model.hidden_dim=48")
-    other = MoleculeGNN(
-        featurizer.atom_feature_size,
-        featurizer.descriptor_size,
-        1,
-        wider.model,
-        wider.preprocess.fingerprint.size,
-    )
+    other = new_network(featurizer, wider.model)
     with pytest.raises(ValueError, match="tensors differ from this model"):
         train.initialize_from(other, source.checkpoint)
     with pytest.raises(FileNotFoundError, match="init_from"):
