@@ -14,10 +14,11 @@ order), so no held-out molecule shares a scaffold with a training one. For each 
   own scaffold split divides 8 : 1 into train and val for early stopping before the refit on
   both; its exported ONNX model then predicts the held-out fold;
 - one random forest per `--forests` entry [trees, depth] (depth 0 = unlimited; default 500 trees
-  of unlimited depth; nothing else tuned) on the forest member's features (descriptors with the
-  configured Morgan counts, and atom counts; `--extra` may change them), fitted on the other
-  folds. A served forest must be cheap: its cost
-  grows with trees x depth (`benchmarks/forest_cost.py`).
+  of unlimited depth), otherwise set as the forest member is (`model.forest_max_features`,
+  `model.forest_class_weight`), on the forest member's features (descriptors with the
+  configured Morgan counts, and atom counts; `--extra` may change both), fitted on the other
+  folds. A served forest must be cheap: its cost grows with trees x depth
+  (`benchmarks/forest_cost.py`).
 It prints each fold's ROC-AUC for the GNN and each forest, then, for each forest and the GNN's
 share of the averaged probability from 0 to 1, the ROC-AUC over all out-of-fold predictions and
 the mean over the folds.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -41,12 +43,14 @@ from sklearn.ensemble import RandomForestClassifier
 from train_quality import REPO_ROOT, benchmark_table, run_seed
 
 from mol_props.commands import reported_errors
-from mol_props.config import compose_config
+from mol_props.config import ModelConfig, compose_config
 from mol_props.data import scaffold_split
 from mol_props.featurize import MoleculeGraph, featurize_parallel
-from mol_props.forest import forest_features
+from mol_props.forest import ForestSettings, forest_features, new_forest
 from mol_props.metrics import roc_auc
 
+# The GNN alone: the forest member built into `mol_props train` would blend itself in.
+GNN_ONLY = ["model.forest_trees=0"]
 SHARES = np.round(np.linspace(0.0, 1.0, 11), 1)  # the GNN's share of the averaged probability
 
 
@@ -93,8 +97,7 @@ def gnn_predictions(
     splits[rest] = np.array(["train", "val", "test"], dtype=object)[inner]
     table = work / "fold.csv"
     write_fold_table(rows, splits, table)
-    # The GNN alone: the forest member built into `mol_props train` would blend itself in.
-    run_seed("classification", seed, table, ["model.forest_trees=0", *extra], work)
+    run_seed("classification", seed, table, GNN_ONLY + extra, work)
     models = work / "models"
     predictor = LocalPredictor(
         models / "model.onnx", ModelMetadata.load(models / "model.json"), compose_config([]).infer
@@ -148,19 +151,36 @@ def cross_validate(
 
 
 def cache_path(folder: str, seed: int, folds: int, extra: list[str]) -> Path | None:
-    """Where one seed's out-of-fold GNN predictions are cached: the name holds everything they
-    depend on (None without a folder)."""
+    """Where one seed's out-of-fold GNN predictions are cached (None without a folder). The
+    name holds the seed, the folds and a digest of the whole configuration the fold runs
+    resolve to, so a changed default (not only a changed `--extra`) trains again. Code changes
+    are not in the digest: clear the folder after changing the model's code."""
     if not folder:
         return None
-    digest = hashlib.sha256(json.dumps(extra).encode()).hexdigest()[:12]
-    return Path(folder) / f"gnn_seed{seed}_folds{folds}_extra{digest}.npy"
+    resolved = dataclasses.asdict(compose_config(GNN_ONLY + extra))
+    # The fold runs fit no forest: its other settings do not change their predictions.
+    resolved["model"] = {
+        name: value for name, value in resolved["model"].items() if not name.startswith("forest_")
+    }
+    digest = hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode())
+    return Path(folder) / f"gnn_seed{seed}_folds{folds}_config{digest.hexdigest()[:12]}.npy"
 
 
-def forest_factory(trees: int, depth: int) -> Callable[[int], RandomForestClassifier]:
-    """A function of the seed giving an unfitted forest; depth 0 = grow until leaves are pure."""
+def forest_factory(
+    trees: int, depth: int, model: ModelConfig
+) -> Callable[[int], RandomForestClassifier]:
+    """A function of the seed giving the unfitted forest `mol_props train` would fit with
+    `model`'s settings, but `trees` trees of `depth` (0 = grow until the leaves are pure)."""
 
     def make_forest(seed: int) -> RandomForestClassifier:
-        return RandomForestClassifier(trees, max_depth=depth or None, n_jobs=-1, random_state=seed)
+        settings = ForestSettings(
+            trees=trees,
+            depth=depth,
+            seed=seed,
+            max_features=model.forest_max_features,
+            class_weight=model.forest_class_weight,
+        )
+        return new_forest("classification", settings)
 
     return make_forest
 
@@ -184,6 +204,7 @@ def main(
     `--extra` instead of training again (to compare more forests)."""
     if folds < 2:
         raise SystemExit(f"error: --folds={folds}: must be at least 2")
+    model = compose_config(list(extra)).model
     makers = {}
     for size in forests:
         if len(size) != 2 or size[0] < 1 or size[1] < 0:
@@ -191,7 +212,7 @@ def main(
                 f"error: --forests entry {list(size)}: must be [trees, depth] with at least 1 "
                 "tree and depth at least 0 (0 = unlimited)"
             )
-        makers[f"{size[0]}x{size[1] or 'any'}"] = forest_factory(*size)
+        makers[f"{size[0]}x{size[1] or 'any'}"] = forest_factory(*size, model)
 
     table = benchmark_table("classification", benchmark_dir)
     with table.open(newline="") as handle:

@@ -4,10 +4,12 @@ it (`mol_props.forest.TreeEnsemble`), timed in ONNX Runtime, and checked against
     uv run python benchmarks/forest_cost.py
     uv run python benchmarks/forest_cost.py --forests='[[500,0],[100,0],[100,10]]' --threads=2
 
-For each [trees, depth] (depth 0 = unlimited) a random forest is fitted on the train + val rows of
-the classification benchmark (the descriptors and atom counts the model computes, as `mol_props
-train` fits it), exported alone to ONNX (input: the [B, K] feature matrix), and run by ONNX
-Runtime on 64-molecule batches of those rows with `--threads` threads. It prints the node count,
+For each [trees, depth] (depth 0 = unlimited) a random forest, otherwise set as the default
+forest member (`model.forest_max_features`, `model.forest_class_weight`), is fitted on the train
++ val rows of the classification benchmark (the descriptors, Morgan counts and atom counts the
+model computes, as `mol_props train` fits it), exported alone to ONNX (input: the [B, K]
+feature matrix), and run by ONNX Runtime on 64-molecule batches of those rows with `--threads`
+threads. It prints the node count,
 the deepest tree (the walk's steps), the ONNX file size, microseconds per molecule (median of
 `--repeats`), and the largest difference from scikit-learn's predict_proba. For scale: the
 default GNN costs ~240 us per molecule in the 128-atom model Triton serves (README).
@@ -29,7 +31,7 @@ from train_quality import REPO_ROOT, benchmark_table
 from mol_props.commands import reported_errors
 from mol_props.config import compose_config
 from mol_props.featurize import MoleculeGraph, featurize_parallel
-from mol_props.forest import ForestSettings, fit_forest, forest_features
+from mol_props.forest import ForestSettings, fit_forest, forest_features, new_forest
 
 BATCH = 64
 
@@ -82,12 +84,19 @@ def main(
     if threads < 1 or repeats < 1:
         raise SystemExit(f"error: --threads={threads} and --repeats={repeats}: at least 1")
     features, labels, descriptor_count = benchmark_features()
+    model = compose_config([]).model  # the served forest's other settings
     print(
         f"{len(features):,} train + val molecules, {features.shape[1]} features; ONNX Runtime, "
         f"{threads} thread(s), {BATCH} molecules a call"
     )
     for trees, depth in forests:
-        settings = ForestSettings(trees=trees, depth=depth, seed=seed)
+        settings = ForestSettings(
+            trees=trees,
+            depth=depth,
+            seed=seed,
+            max_features=model.forest_max_features,
+            class_weight=model.forest_class_weight,
+        )
         ensemble = fit_forest(
             features, labels[:, None], "classification", settings, descriptor_count
         ).eval()
@@ -121,15 +130,8 @@ def main(
 def reference_probabilities(
     features: np.ndarray, labels: np.ndarray, settings: ForestSettings
 ) -> np.ndarray:
-    """scikit-learn's own predict_proba of the same forest (same seed, same rows)."""
-    from sklearn.ensemble import RandomForestClassifier
-
-    forest = RandomForestClassifier(
-        settings.trees,
-        max_depth=settings.depth or None,
-        n_jobs=-1,
-        random_state=settings.seed,
-    )
+    """scikit-learn's own predict_proba of the same forest (same settings, seed and rows)."""
+    forest = new_forest("classification", settings)
     return forest.fit(features, labels).predict_proba(features)[:, 1]
 
 

@@ -111,6 +111,9 @@ class ModelConfig:
     # The share of the features each split chooses from; 0 = scikit-learn's default (the square
     # root of their number for classification, all of them for regression).
     forest_max_features: float = 0.0
+    # Classification forests: weight each tree's classes inversely to their frequency in its
+    # bootstrap sample (balanced_subsample), in all training rows (balanced), or not (none).
+    forest_class_weight: str = "none"
     head_hidden_dim: int = MISSING
     head_layers: int = MISSING
 
@@ -231,6 +234,7 @@ CHOICES = {
     ("data", "task"): ("classification", "regression"),
     ("model", "conv"): ("gin", "graph"),
     ("model", "pooling"): ("mean", "mean_sum"),
+    ("model", "forest_class_weight"): ("balanced_subsample", "balanced", "none"),
     ("train", "scheduler"): ("onecycle", "cosine", "constant"),
     ("serving", "backend"): ("onnx", "tensorrt"),
 }

@@ -43,6 +43,8 @@ from torch import Tensor, nn
 from mol_props.errors import ConfigError
 
 if TYPE_CHECKING:  # annotations only: the featurizer's module imports RDKit
+    from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
+
     from mol_props.featurize import MoleculeGraph
 
 LOGGER = logging.getLogger(__name__)
@@ -58,6 +60,9 @@ class ForestSettings:
     # Share of the features each split chooses from; 0 = scikit-learn's default (sqrt of their
     # number for classification, all for regression).
     max_features: float = 0.0
+    # Classification only: "balanced_subsample" weights each tree's classes inversely to their
+    # frequency in its bootstrap sample, "balanced" in the whole training set, "none" not at all.
+    class_weight: str = "none"
 
 
 def atom_counts(atom_features: Tensor, atom_mask: Tensor) -> Tensor:
@@ -165,6 +170,27 @@ class TreeEnsemble(nn.Module):
         return cls(**state)
 
 
+def new_forest(
+    task: str, settings: ForestSettings
+) -> RandomForestClassifier | RandomForestRegressor:
+    """The scikit-learn forest `fit_forest` fits for one target (benchmarks cross-validate the
+    same one)."""
+    from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
+
+    shared = {
+        "n_estimators": settings.trees,
+        "max_depth": settings.depth or None,
+        "n_jobs": -1,
+        "random_state": settings.seed,
+    }
+    if task == "classification":
+        class_weight = None if settings.class_weight == "none" else settings.class_weight
+        return RandomForestClassifier(
+            max_features=settings.max_features or "sqrt", class_weight=class_weight, **shared
+        )
+    return RandomForestRegressor(max_features=settings.max_features or 1.0, **shared)
+
+
 def fit_forest(
     features: np.ndarray,
     targets: np.ndarray,
@@ -175,26 +201,15 @@ def fit_forest(
     """A random forest per target on the rows where that target is labelled. `features`
     [M, D' + F - 1] from `molecule_features_numpy` (D' = `descriptor_count`); `targets` [M, T]
     (NaN = missing; for regression, in the units the model's other member predicts)."""
-    from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
-
     if settings.trees < 1:
         raise ConfigError(f"model.forest_trees={settings.trees}: fit_forest needs at least 1")
     started = time.perf_counter()
-    forest_class = RandomForestClassifier if task == "classification" else RandomForestRegressor
-    default_max_features = "sqrt" if task == "classification" else 1.0
-    max_features = settings.max_features or default_max_features
     estimators, leaf_columns = [], []
     for k in range(targets.shape[1]):
         labelled = ~np.isnan(targets[:, k])
         if not labelled.any():
             raise ConfigError(f"target {k}: no labelled training molecule to fit the forest on")
-        forest = forest_class(
-            n_estimators=settings.trees,
-            max_depth=settings.depth or None,
-            max_features=max_features,
-            n_jobs=-1,
-            random_state=settings.seed,
-        )
+        forest = new_forest(task, settings)
         forest.fit(features[labelled], targets[labelled, k])
         estimators += forest.estimators_
         # Which class column of a leaf's class fractions is the positive class (none when every

@@ -759,22 +759,22 @@ def _fit(
         val_metrics = evaluate(val_targets, val_values, task, data.target_names)
         history = state["history"]
         selected, refit_history = trainee, None
-        trained_rows = data.splits["train"]
         if settings.refit:
             trainee, refit_history = _refit(
                 config, fabric, data, best_epoch, refit_last, monitored, tracker
             )
-            trained_rows = np.concatenate([data.splits["train"], data.splits["val"]])
+        # The forest stops at no epoch, so it has no use for val but to learn from it: it fits
+        # on train + val with or without the refit, and the run's val metrics are the network's.
         forest = (
-            _fit_forest(config, data, trained_rows, trainee.scaling)
+            _fit_forest(
+                config,
+                data,
+                np.concatenate([data.splits["train"], data.splits["val"]]),
+                trainee.scaling,
+            )
             if config.model.forest_trees
             else None
         )
-        if forest is not None and not settings.refit:
-            # The shipped pair, network and forest, both saw train only: val measures the pair.
-            forest_values = forest_predict(forest, trainee.val_loader, task, trainee.scaling)
-            val_values = with_forest(val_values, forest_values, config.model.forest_weight)
-            val_metrics = evaluate(val_targets, val_values, task, data.target_names)
     except BaseException as error:
         # MLflow's run statuses: stopped by the user, or failed.
         status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
@@ -888,8 +888,8 @@ def _refit(
 def _fit_forest(
     config: Config, data: PreparedData, rows: np.ndarray, scaling: Scaling
 ) -> TreeEnsemble:
-    """The forest member on the rows the shipped network trained on, from the features the model
-    computes from its own inputs; regression targets standardized as the network's are."""
+    """The forest member on `rows`, from the features the model computes from its own inputs;
+    regression targets standardized as the network's are."""
     features = forest_features([data.graphs[i] for i in rows])  # [M, D + F - 1]
     descriptor_count = data.graphs[rows[0]].descriptors.shape[0]  # D: all of them
     targets = data.targets[rows]  # [M, T]
@@ -900,6 +900,7 @@ def _fit_forest(
         depth=config.model.forest_depth,
         seed=config.train.seed,
         max_features=config.model.forest_max_features,
+        class_weight=config.model.forest_class_weight,
     )
     return fit_forest(features, targets, config.data.task, settings, descriptor_count)
 
@@ -937,8 +938,8 @@ def _save_model(
     trained_on: str,
 ) -> Path:
     """models/best.ckpt: weights plus everything export needs, as plain types. `val_metrics` are
-    the selected epoch's network's (a refit model has seen val); `trained_on` says which splits
-    the network and the forest saw."""
+    the selected epoch's network's (a refit network and the forest have seen val); `trained_on`
+    says which splits the network saw (the forest always fits on train + val)."""
     featurizer = Featurizer(config.preprocess)
     path = Path(config.export.checkpoint)
     path.parent.mkdir(parents=True, exist_ok=True)

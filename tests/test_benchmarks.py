@@ -58,6 +58,23 @@ def test_cross_validation_folds_keep_scaffolds_whole_and_balanced(
     assert (scaffold_folds(scaffolds, 3, seed=0) == assignment).all()  # seeded
 
 
+def test_cached_cross_validation_predictions_are_keyed_by_what_the_network_trains_with(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    from blend_cv import cache_path
+
+    default = cache_path("cache", seed=0, folds=5, extra=[])
+    assert default == cache_path("cache", seed=0, folds=5, extra=[])
+    # A network setting trains again; the default value spelled out does not.
+    assert cache_path("cache", 0, 5, ["model.hidden_dim=32"]) != default
+    assert cache_path("cache", 0, 5, ["model.hidden_dim=48"]) == default
+    assert cache_path("cache", 1, 5, []) != default and cache_path("cache", 0, 4, []) != default
+    # The fold runs fit no forest, so its settings reuse the cache.
+    assert cache_path("cache", 0, 5, ["model.forest_weight=0.2"]) == default
+    assert cache_path("", 0, 5, []) is None
+
+
 def test_featurize_benchmark_runs_on_a_small_table(tmp_path):
     table = tmp_path / "small.csv"
     table.write_text(

@@ -155,6 +155,11 @@ def test_a_mapping_setting_takes_the_form_people_type(prefix: str):
             ConfigError,
             r"model.forest_max_features=1.5: a share of the features",
         ),
+        (
+            ["model.forest_class_weight=balance"],
+            ValueError,
+            "model.forest_class_weight='balance': expected one of balanced_subsample, balanced",
+        ),
         (["infer.num_workers=-1"], ConfigError, "infer.num_workers=-1: must be 0 or more"),
         (["data.target_columns=[]"], ConfigError, "data.target_columns is empty"),
         (

@@ -60,16 +60,27 @@ def test_features_from_padded_inputs_match_the_unpadded_molecules(molecules):
         np.testing.assert_array_equal(features.numpy(), expected)
 
 
-@pytest.mark.parametrize("depth", [0, 3])
-def test_classification_forest_equals_scikit_learn_on_new_molecules(molecules, depth):
+@pytest.mark.parametrize(
+    ("depth", "class_weight"),
+    [(0, "none"), (3, "none"), (0, "balanced_subsample"), (4, "balanced")],
+)
+def test_classification_forest_equals_scikit_learn_on_new_molecules(
+    molecules, depth, class_weight
+):
     graphs, labels, _, featurizer = molecules
     features = forest_features(graphs)
-    settings = ForestSettings(trees=25, depth=depth, seed=3)
+    settings = ForestSettings(trees=25, depth=depth, seed=3, class_weight=class_weight)
     descriptor_count = featurizer.descriptor_size
     ensemble = fit_forest(
         features[:120], labels[:120, None], "classification", settings, descriptor_count
     )
-    reference = RandomForestClassifier(25, max_depth=depth or None, n_jobs=-1, random_state=3)
+    reference = RandomForestClassifier(
+        25,
+        max_depth=depth or None,
+        class_weight=None if class_weight == "none" else class_weight,
+        n_jobs=-1,
+        random_state=3,
+    )
     reference.fit(features[:120], labels[:120])
     inputs = _padded(graphs[120:], featurizer, 128)
     with torch.no_grad():

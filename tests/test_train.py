@@ -278,8 +278,9 @@ def test_fingerprint_member_trains_and_exports_with_onnx_parity(tmp_path, molecu
     assert metadata.descriptor_size == len(config.preprocess.descriptors) + 64
 
 
-def test_forest_member_fits_the_shipped_rows_and_the_exported_model_scores_the_test_metric(
-    tmp_path, molecules_csv
+@pytest.mark.parametrize("refit", [True, False])
+def test_forest_member_fits_train_and_val_and_the_exported_model_scores_the_test_metric(
+    tmp_path, molecules_csv, refit
 ):
     from sklearn.ensemble import RandomForestClassifier
 
@@ -288,13 +289,22 @@ def test_forest_member_fits_the_shipped_rows_and_the_exported_model_scores_the_t
     from mol_props.metrics import roc_auc
 
     shutil.copytree(REPO_ROOT / "triton_repo", tmp_path / "triton_repo")  # export fills a copy
-    config = _config(tmp_path, molecules_csv, "model.forest_trees=20", "model.forest_weight=0.4")
+    config = _config(
+        tmp_path,
+        molecules_csv,
+        "model.forest_trees=20",
+        "model.forest_weight=0.4",
+        f"train.refit={str(refit).lower()}",
+    )
     result = train.run(config)
     payload = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
     forest = TreeEnsemble.from_state(payload["forest"])
-    assert forest.trees == 20 and payload["trained_on"] == "train+val"
+    assert forest.trees == 20
+    assert payload["trained_on"] == ("train+val" if refit else "train")  # the network's rows
 
-    # The forest is scikit-learn's, fitted on the rows the refit network saw (train + val).
+    # The forest is scikit-learn's, with the configured class weights, fitted on train + val
+    # with or without the network's refit (it stops at no epoch).
+    assert config.model.forest_class_weight == "balanced_subsample"
     data = prepare_data(config.data, config.preprocess, progress=False)
 
     def features(rows: np.ndarray) -> np.ndarray:
@@ -302,7 +312,9 @@ def test_forest_member_fits_the_shipped_rows_and_the_exported_model_scores_the_t
 
     fitted = np.concatenate([data.splits["train"], data.splits["val"]])
     test = data.splits["test"]
-    reference = RandomForestClassifier(20, n_jobs=-1, random_state=config.train.seed)
+    reference = RandomForestClassifier(
+        20, class_weight="balanced_subsample", n_jobs=-1, random_state=config.train.seed
+    )
     reference.fit(features(fitted), data.targets[fitted, 0])
     with torch.no_grad():
         ours = forest(torch.from_numpy(features(test)))[:, 0].numpy()
