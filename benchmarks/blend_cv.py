@@ -173,13 +173,7 @@ def forest_factory(
     `model`'s settings, but `trees` trees of `depth` (0 = grow until the leaves are pure)."""
 
     def make_forest(seed: int) -> RandomForestClassifier:
-        settings = ForestSettings(
-            trees=trees,
-            depth=depth,
-            seed=seed,
-            max_features=model.forest_max_features,
-            class_weight=model.forest_class_weight,
-        )
+        settings = ForestSettings.of_model(model, seed, trees=trees, depth=depth)
         return new_forest("classification", settings)
 
     return make_forest

@@ -90,13 +90,7 @@ def main(
         f"{threads} thread(s), {BATCH} molecules a call"
     )
     for trees, depth in forests:
-        settings = ForestSettings(
-            trees=trees,
-            depth=depth,
-            seed=seed,
-            max_features=model.forest_max_features,
-            class_weight=model.forest_class_weight,
-        )
+        settings = ForestSettings.of_model(model, seed, trees=trees, depth=depth)
         ensemble = fit_forest(
             features, labels[:, None], "classification", settings, descriptor_count
         ).eval()

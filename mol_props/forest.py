@@ -45,6 +45,7 @@ from mol_props.errors import ConfigError
 if TYPE_CHECKING:  # annotations only: the featurizer's module imports RDKit
     from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
 
+    from mol_props.config import ModelConfig
     from mol_props.featurize import MoleculeGraph
 
 LOGGER = logging.getLogger(__name__)
@@ -63,6 +64,20 @@ class ForestSettings:
     # Classification only: "balanced_subsample" weights each tree's classes inversely to their
     # frequency in its bootstrap sample, "balanced" in the whole training set, "none" not at all.
     class_weight: str = "none"
+
+    @classmethod
+    def of_model(
+        cls, model: ModelConfig, seed: int, trees: int | None = None, depth: int | None = None
+    ) -> ForestSettings:
+        """The forest member's settings in `model` (its size replaced where given: benchmarks
+        compare sizes)."""
+        return cls(
+            trees=model.forest_trees if trees is None else trees,
+            depth=model.forest_depth if depth is None else depth,
+            seed=seed,
+            max_features=model.forest_max_features,
+            class_weight=model.forest_class_weight,
+        )
 
 
 def atom_counts(atom_features: Tensor, atom_mask: Tensor) -> Tensor:

@@ -895,13 +895,7 @@ def _fit_forest(
     targets = data.targets[rows]  # [M, T]
     if config.data.task != "classification":
         targets = (targets - scaling.mean) / scaling.std
-    settings = ForestSettings(
-        trees=config.model.forest_trees,
-        depth=config.model.forest_depth,
-        seed=config.train.seed,
-        max_features=config.model.forest_max_features,
-        class_weight=config.model.forest_class_weight,
-    )
+    settings = ForestSettings.of_model(config.model, seed=config.train.seed)
     return fit_forest(features, targets, config.data.task, settings, descriptor_count)
 
 
