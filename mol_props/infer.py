@@ -247,6 +247,9 @@ class InputChunk:
     columns: list[str]  # the file's own columns, in order
     rows: list[dict[str, str]]
     smiles: list[str]
+    # Line numbers of the blank lines of a .csv/.tsv read since the previous chunk: not rows (the
+    # csv module, pandas and spreadsheets skip them too), but the summary says they were skipped.
+    blank_lines: list[int] = dataclasses.field(default_factory=list)
 
 
 def _find_column(columns: Sequence[str], wanted: str) -> str | None:
@@ -322,13 +325,15 @@ def _text_encoding(encoding: str) -> str:
 def _read_chunks(
     path: Path, suffix: str, handle: typing.TextIO, smiles_column: str, chunk_size: int
 ) -> Iterator[InputChunk]:
+    blank_lines: list[int] = []
     if suffix in SMILES_FILE_SUFFIXES:
         columns = ["smiles", "name"]
         column = "smiles"
         rows: Iterator[dict[str, str]] = _smi_rows(handle)
     else:
-        reader = csv.DictReader(handle, delimiter=TABLE_DELIMITERS[suffix])
-        columns = list(reader.fieldnames or [])
+        reader = csv.reader(handle, delimiter=TABLE_DELIMITERS[suffix])
+        # The header is the first line that is not blank (blank lines above it are no rows).
+        columns = next((cells for cells in reader if cells), [])
         if not columns:
             raise InferenceError(f"{path} is empty: expected a header row with a SMILES column")
         found = _find_column(columns, smiles_column)
@@ -341,15 +346,34 @@ def _read_chunks(
                 f"{path} has no column {smiles_column!r} (columns: {', '.join(columns)}); {hint}"
             )
         column = found
-        rows = iter(reader)
+        rows = _table_rows(reader, columns, blank_lines)
     yielded = False
     while True:
         chunk = list(itertools.islice(rows, chunk_size))
-        if chunk or not yielded:
-            yield InputChunk(columns, chunk, [row[column] or "" for row in chunk])
+        if chunk or not yielded or blank_lines:
+            smiles = [row[column] or "" for row in chunk]
+            yield InputChunk(columns, chunk, smiles, blank_lines.copy())
+            blank_lines.clear()
             yielded = True
         if len(chunk) < chunk_size:
             return
+
+
+def _table_rows(
+    reader: typing.Any, columns: list[str], blank_lines: list[int]  # reader: a csv.reader
+) -> Iterator[dict[str, str]]:
+    """csv.DictReader's rows (cells beyond the header under the key None, missing ones None),
+    noting the line number of each blank line in `blank_lines` instead of passing over it."""
+    for cells in reader:
+        if not cells:
+            blank_lines.append(reader.line_num)  # physical lines read so far: this one's number
+            continue
+        row: dict = dict(zip(columns, cells))
+        if len(cells) > len(columns):
+            row[None] = cells[len(columns) :]
+        for name in columns[len(cells) :]:
+            row[name] = None
+        yield row
 
 
 def _smi_rows(lines: Iterable[str]) -> Iterator[dict[str, str]]:
@@ -462,6 +486,8 @@ class FileSummary:
     rows_with_unknown_elements: int = 0
     first_row_with_unknown_elements: int = 0  # its number among the data rows, from 1
     unknown_elements: set[str] = dataclasses.field(default_factory=set)
+    blank_lines: int = 0  # skipped blank lines of a .csv/.tsv
+    first_blank_line: int = 0  # its line number in the file, from 1
 
     def describe(self, output_path: Path, shown: int = 3) -> str:
         text = f"{self.ok} ok, {self.failed} failed -> {output_path}"
@@ -482,6 +508,12 @@ class FileSummary:
                 f"\nwarning: {self.rows_with_unknown_elements} molecules hold elements the model "
                 f"does not know (first: data row {self.first_row_with_unknown_elements}): "
                 f"{unknown_elements_note(elements, self.rows_with_unknown_elements)}"
+            )
+        if self.blank_lines:
+            text += (
+                f"\nnote: skipped {self.blank_lines} blank "
+                f"{'line' if self.blank_lines == 1 else 'lines'} (first: line "
+                f"{self.first_blank_line}); a blank line is not a row, so it has no output row"
             )
         return text
 
@@ -575,6 +607,9 @@ def _write_chunk(
     summary: FileSummary,
 ) -> None:
     *target_columns, error_column = added
+    if chunk.blank_lines:
+        summary.first_blank_line = summary.first_blank_line or chunk.blank_lines[0]
+        summary.blank_lines += len(chunk.blank_lines)
     for i, row in enumerate(chunk.rows):
         for k, column in enumerate(target_columns):
             value = predictions.values[i, k]

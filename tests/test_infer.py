@@ -248,13 +248,17 @@ def infer_file(
 
 
 def infer_text(
-    capsys: pytest.CaptureFixture, exported_model: ExportedModel, source: Path, text: str
+    capsys: pytest.CaptureFixture,
+    exported_model: ExportedModel,
+    source: Path,
+    text: str,
+    *overrides: str,
 ) -> tuple[list[dict[str, str]], str]:
     """Write `text` to `source` and predict it into preds.csv beside it, which must succeed:
     the rows written, and stderr."""
     source.write_text(text)
     output = source.with_name("preds.csv")
-    code, _, err = infer_file(capsys, source, output, *local_overrides(exported_model))
+    code, _, err = infer_file(capsys, source, output, *local_overrides(exported_model), *overrides)
     assert code == 0, err
     return read_rows(output), err
 
@@ -369,6 +373,26 @@ def test_cells_beyond_the_header_are_reported_not_silently_dropped(
         ("CCN", "4"),
     ]
     assert "warning: 2 rows have more cells than the header (first: data row 2)" in err
+
+
+def test_blank_lines_are_not_rows_and_the_summary_says_they_were_skipped(
+    exported_model: ExportedModel, capsys: pytest.CaptureFixture, tmp_path: Path
+):
+    # A blank line before the header (skipped, unreported), blank lines 4, 9 and 11
+    # among and after the rows, and a quoted cell (lines 6-8) whose value holds an empty line.
+    text = '\nsmiles,id\nCCO,1\n\nc1ccccc1,2\nCCN,"a\n\nb"\n\nCC(=O)O,4\n\n'
+    written, err = infer_text(
+        capsys, exported_model, tmp_path / "in.csv", text, "infer.chunk_size=2"
+    )
+    assert [(row["smiles"], row["id"]) for row in written] == [
+        ("CCO", "1"),
+        ("c1ccccc1", "2"),
+        ("CCN", "a\n\nb"),
+        ("CC(=O)O", "4"),
+    ]
+    assert not any(row["error"] for row in written)
+    assert "4 ok, 0 failed" in err
+    assert "note: skipped 3 blank lines (first: line 4)" in err
 
 
 def test_a_cell_longer_than_the_csv_modules_limit_fails_nothing(
