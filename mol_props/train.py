@@ -398,9 +398,17 @@ class TrainResult:
     is_global_zero: bool = True
 
 
+def print_lightning_messages_once() -> None:
+    """Lightning's package logger writes to its own console handler and also passes each record
+    on to the root handler the command sets up, so "Seed set to 0" showed twice. Its own handler
+    alone keeps every message, once, with its level in front."""
+    logging.getLogger("lightning").propagate = False
+
+
 def run(config: Config) -> TrainResult:
     """The `mol_props train` command."""
     started = time.perf_counter()
+    print_lightning_messages_once()
     settings = config.train
     fabric = make_fabric(settings)
     # With strategy=ddp this starts the other processes, each running this same command.

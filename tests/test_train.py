@@ -438,6 +438,25 @@ def test_fabric_settings_that_cannot_work_name_themselves(tmp_path, override, na
     assert str(caught.value).startswith("train.accelerator=")
 
 
+def test_a_lightning_message_reaches_the_console_once(capsys, monkeypatch):
+    from lightning.fabric.utilities.seed import seed_everything
+
+    lightning_logger = logging.getLogger("lightning")
+    monkeypatch.setattr(lightning_logger, "propagate", lightning_logger.propagate)  # restored
+    console = logging.StreamHandler(sys.stderr)  # the root handler `mol_props train` sets up
+    logging.getLogger().addHandler(console)
+    # Lightning's own console handler took the stderr of its import; point it at this test's.
+    streams = [handler.setStream(sys.stderr) for handler in lightning_logger.handlers]
+    try:
+        train.print_lightning_messages_once()
+        seed_everything(0)
+    finally:
+        logging.getLogger().removeHandler(console)
+        for handler, stream in zip(lightning_logger.handlers, streams):
+            handler.setStream(stream)
+    assert capsys.readouterr().err.count("Seed set to 0") == 1
+
+
 def test_an_empty_validation_split_is_a_clear_error(tmp_path, molecules_csv):
     config = _config(tmp_path, molecules_csv, "data.split.fractions=[1.0,0.0,0.0]")
     with pytest.raises(ConfigError, match="the val split is empty"):
