@@ -45,12 +45,12 @@ from train_quality import REPO_ROOT, benchmark_table, run_seed
 from mol_props.commands import reported_errors
 from mol_props.config import ModelConfig, compose_config
 from mol_props.data import scaffold_split
-from mol_props.featurize import MoleculeGraph, featurize_parallel
+from mol_props.featurize import Featurizer, MoleculeGraph, featurize_parallel
 from mol_props.forest import ForestSettings, forest_features, new_forest
 from mol_props.metrics import roc_auc
 
 # The GNN alone: the forest member built into `mol_props train` would blend itself in.
-GNN_ONLY = ["model.forest_trees=0"]
+GNN_ONLY = ["model.forest_trees=0", "model.kernel_weight=0"]
 SHARES = np.round(np.linspace(0.0, 1.0, 11), 1)  # the GNN's share of the averaged probability
 
 
@@ -124,7 +124,7 @@ def cross_validate(
     results = featurize_parallel(smiles, preprocess, num_workers=0, progress=False, with_keys=True)
     featurized = np.array([isinstance(result, MoleculeGraph) for result in results])  # [M]
     graphs = [result for result in results if isinstance(result, MoleculeGraph)]
-    counted = forest_features(graphs)  # [M, D + F - 1]
+    counted = forest_features(graphs, Featurizer(preprocess).forest_descriptor_count)
     features = np.full((len(rows), counted.shape[1]), np.nan)
     features[featurized] = counted
     # An unfeaturizable molecule has no scaffold: it forms a group of its own.
@@ -158,10 +158,14 @@ def cache_path(folder: str, seed: int, folds: int, extra: list[str]) -> Path | N
     if not folder:
         return None
     resolved = dataclasses.asdict(compose_config(GNN_ONLY + extra))
-    # The fold runs fit no forest: its other settings do not change their predictions.
+    # The fold runs fit no forest and no kernel member: their settings, and the kernel's counts
+    # (which the network does not read), do not change their predictions.
     resolved["model"] = {
-        name: value for name, value in resolved["model"].items() if not name.startswith("forest_")
+        name: value
+        for name, value in resolved["model"].items()
+        if not name.startswith(("forest_", "kernel_"))
     }
+    resolved["preprocess"].pop("kernel_fingerprint")
     digest = hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode())
     return Path(folder) / f"gnn_seed{seed}_folds{folds}_config{digest.hexdigest()[:12]}.npy"
 

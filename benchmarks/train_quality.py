@@ -194,7 +194,7 @@ def main(
         f"{list(seeds)}; wall time per `mol_props train` {statistics.mean(seconds):.0f} s "
         f"(max {max(seconds):.0f} s); chemprop 2.3.1 on this split: {CHEMPROP[task]}"
     )
-    for member in ("network", "forest"):  # with the forest member: each member alone
+    for member in ("network", "forest", "kernel"):  # with other members: each alone
         if all(f"{member}_{metric}" in result for result in results):
             member_values = [result[f"{member}_{metric}"] for result in results]
             print(f"  {member} alone: test {metric} {mean_std(member_values)}")

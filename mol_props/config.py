@@ -78,6 +78,12 @@ class PreprocessConfig:
     atom: AtomFeatureConfig = field(default_factory=AtomFeatureConfig)
     descriptors: list[str] = MISSING
     fingerprint: FingerprintConfig = field(default_factory=FingerprintConfig)
+    # Morgan counts for the kernel member alone (model.kernel_weight), appended after the
+    # fingerprint's. A default, not MISSING: checkpoints and model.json files from before it
+    # have none.
+    kernel_fingerprint: FingerprintConfig = field(
+        default_factory=lambda: FingerprintConfig(size=0, radius=2)
+    )
     num_workers: int = MISSING  # 0 = all cores
     chunk_size: int = MISSING
     cache_dir: str = MISSING
@@ -114,6 +120,11 @@ class ModelConfig:
     # Classification forests: weight each tree's classes inversely to their frequency in its
     # bootstrap sample (balanced_subsample), in all training rows (balanced), or not (none).
     forest_class_weight: str = "none"
+    # The kernel member (mol_props.kernel): kernel ridge regression on the Tanimoto similarity of
+    # preprocess.kernel_fingerprint's counts to every training molecule's; its share of the
+    # averaged output (the network's is what the forest and the kernel leave). 0 = no kernel.
+    kernel_weight: float = 0.0
+    kernel_ridge: float = 0.03  # added to the kernel matrix's diagonal: the fit's smoothing
     head_hidden_dim: int = MISSING
     head_layers: int = MISSING
 
@@ -323,6 +334,7 @@ AT_LEAST_ONE = (
 AT_LEAST_ZERO = (
     ("preprocess", "num_workers"),
     ("preprocess", "fingerprint", "size"),
+    ("preprocess", "kernel_fingerprint", "size"),
     ("model", "descriptor_hidden_dim"),
     ("model", "fingerprint_hidden_dim"),
     ("model", "forest_trees"),
@@ -338,6 +350,7 @@ DROPOUT_RATES = (("model", "dropout"), ("model", "fingerprint_dropout"))
 # Scales, tolerances and timeouts: 0 or less has no meaning (a scale of 0 divides by zero).
 POSITIVE = (
     ("model", "sum_pooling_scale"),
+    ("model", "kernel_ridge"),
     ("train", "learning_rate"),
     ("logging", "connect_timeout_s"),
     ("export", "parity_tolerance"),
@@ -376,10 +389,29 @@ def check_ranges(config: Config) -> None:
         raise ConfigError(f"model.fingerprint_weight={value}: a share, in [0, 1]")
     if not 0.0 <= (value := config.model.forest_weight) <= 1.0:
         raise ConfigError(f"model.forest_weight={value}: a share, in [0, 1]")
+    check_member_shares(config.model, config.preprocess)
     if not 0.0 <= (value := config.model.forest_max_features) <= 1.0:
         raise ConfigError(
             f"model.forest_max_features={value}: a share of the features, in (0, 1], or 0 for "
             "scikit-learn's default"
+        )
+
+
+def check_member_shares(model: ModelConfig, preprocess: PreprocessConfig) -> None:
+    """The forest's and the kernel's shares of the averaged output leave the network the rest."""
+    if not 0.0 <= (value := model.kernel_weight) <= 1.0:
+        raise ConfigError(f"model.kernel_weight={value}: a share, in [0, 1]")
+    if model.kernel_weight > 0 and preprocess.kernel_fingerprint.size == 0:
+        raise ConfigError(
+            f"model.kernel_weight={model.kernel_weight}: the kernel member reads the counts of "
+            "preprocess.kernel_fingerprint, whose size is 0; set e.g. "
+            "preprocess.kernel_fingerprint.size=1024"
+        )
+    forest_share = model.forest_weight if model.forest_trees > 0 else 0.0
+    if forest_share + model.kernel_weight > 1.0 + 1e-9:
+        raise ConfigError(
+            f"model.forest_weight={model.forest_weight} + model.kernel_weight="
+            f"{model.kernel_weight} > 1: they are shares of one averaged output"
         )
 
 

@@ -315,6 +315,9 @@ def cache_key(data_md5: str, config: PreprocessConfig, smiles_digest: str = "") 
     settings = asdict(config)
     for runtime_only in ("num_workers", "chunk_size", "cache_dir"):
         settings.pop(runtime_only)
+    if settings["kernel_fingerprint"]["size"] == 0:
+        # Off, it adds no feature: caches from before the setting existed stay valid.
+        settings.pop("kernel_fingerprint")
     payload = json.dumps([data_md5, smiles_digest, FEATURIZER_VERSION, settings], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

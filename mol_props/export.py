@@ -23,6 +23,7 @@ from mol_props.errors import MolPropsError
 from mol_props.featurize import FEATURIZER_VERSION, Featurizer, MoleculeGraph, pad_graphs
 from mol_props.forest import TreeEnsemble
 from mol_props.infer import ModelMetadata
+from mol_props.kernel import TanimotoKernelRidge
 from mol_props.model import MoleculeGNN, PredictionModel
 
 LOGGER = logging.getLogger(__name__)
@@ -51,9 +52,12 @@ def load_prediction_model(checkpoint: Path) -> tuple[PredictionModel, dict]:
         len(payload["targets"]),
         model_config,
         fingerprint_size=payload["preprocess"]["fingerprint"]["size"],
+        # Checkpoints from before the kernel member have no kernel fingerprint.
+        kernel_fingerprint_size=payload["preprocess"].get("kernel_fingerprint", {}).get("size", 0),
     )
     network.load_state_dict(payload["model"])
     forest = TreeEnsemble.from_state(payload["forest"]) if "forest" in payload else None
+    kernel = TanimotoKernelRidge.from_state(payload["kernel"]) if "kernel" in payload else None
     model = PredictionModel(
         network,
         payload["task"],
@@ -61,6 +65,8 @@ def load_prediction_model(checkpoint: Path) -> tuple[PredictionModel, dict]:
         torch.tensor(payload["target_std"], dtype=torch.float32),
         forest=forest,
         forest_weight=model_config.forest_weight,
+        kernel=kernel,
+        kernel_weight=model_config.kernel_weight,
     )
     return model.eval(), payload
 

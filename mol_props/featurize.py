@@ -209,14 +209,20 @@ class Featurizer:
                 f"preprocess.descriptors: {unknown} are not among {list(DESCRIPTOR_FUNCTIONS)}"
             )
         self._descriptor_functions = [DESCRIPTOR_FUNCTIONS[name] for name in config.descriptors]
-        self._fingerprint = (
-            rdFingerprintGenerator.GetMorganGenerator(
-                radius=config.fingerprint.radius, fpSize=config.fingerprint.size
-            )
-            if config.fingerprint.size > 0
-            else None
+        self._fingerprints = [
+            rdFingerprintGenerator.GetMorganGenerator(radius=setting.radius, fpSize=setting.size)
+            for setting in (config.fingerprint, config.kernel_fingerprint)
+            if setting.size > 0
+        ]
+        # The kernel member's counts come last, so every other reader takes a prefix.
+        self.kernel_fingerprint_size = config.kernel_fingerprint.size
+        self.descriptor_size = (
+            len(self._descriptor_functions)
+            + config.fingerprint.size
+            + self.kernel_fingerprint_size
         )
-        self.descriptor_size = len(self._descriptor_functions) + config.fingerprint.size
+        # What the forest reads of them: all but the kernel member's counts.
+        self.forest_descriptor_count = self.descriptor_size - self.kernel_fingerprint_size
         self._periodic_table = Chem.GetPeriodicTable()
         self._rows: dict[tuple, np.ndarray] = {}
         # Rows of atom kinds met so far, by invariant key (see `_atom_features_by_invariants`):
@@ -444,14 +450,18 @@ class Featurizer:
         return row
 
     def molecule_descriptors(self, molecule: Chem.Mol) -> np.ndarray:
-        """[D] float32: the configured descriptors, then Morgan counts if enabled."""
+        """[D] float32: the configured descriptors, then the Morgan counts of the fingerprint
+        and of the kernel fingerprint, where enabled."""
         values = np.array(
             [function(molecule) for function in self._descriptor_functions], dtype=np.float32
         )
-        if self._fingerprint is None:
+        if not self._fingerprints:
             return values
-        counts = self._fingerprint.GetCountFingerprintAsNumPy(molecule)
-        return np.concatenate([values, counts.astype(np.float32)])
+        counts = [
+            generator.GetCountFingerprintAsNumPy(molecule).astype(np.float32)
+            for generator in self._fingerprints
+        ]
+        return np.concatenate([values, *counts])
 
     def featurize_many(
         self, smiles: Iterable[str], with_keys: bool = False

@@ -106,13 +106,16 @@ def molecule_features_numpy(
     return np.hstack([plain, counts]).astype(np.float32)
 
 
-def forest_features(graphs: Sequence[MoleculeGraph]) -> np.ndarray:
-    """What `mol_props train` fits the forest member on: every descriptor column (the Morgan
-    counts included) and the atom counts, [M, D + F - 1] float32."""
+def forest_features(
+    graphs: Sequence[MoleculeGraph], descriptor_count: int | None = None
+) -> np.ndarray:
+    """What `mol_props train` fits the forest member on: the first `descriptor_count` descriptor
+    columns (`Featurizer.forest_descriptor_count`: all but the kernel member's counts, the
+    fingerprint's included; None: all) and the atom counts, [M, D' + F - 1] float32."""
     return molecule_features_numpy(
         [graph.atom_features for graph in graphs],
         [graph.descriptors for graph in graphs],
-        graphs[0].descriptors.shape[0],
+        graphs[0].descriptors.shape[0] if descriptor_count is None else descriptor_count,
     )
 
 

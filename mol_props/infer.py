@@ -700,6 +700,8 @@ def _dataclass_from_dict(cls: type, data: dict):
     hints = typing.get_type_hints(cls)
     values = {}
     for item in dataclasses.fields(cls):
+        if item.name not in data and item.default_factory is not dataclasses.MISSING:
+            continue  # a setting newer than the model: its default (the setting off)
         value = data[item.name]
         if dataclasses.is_dataclass(hints[item.name]):
             value = _dataclass_from_dict(hints[item.name], value)

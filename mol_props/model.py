@@ -6,7 +6,7 @@
     [standardized descriptors [B, D'], log1p(atom counts) [B, F-1]] --MLP--> [B, Hd]
     concat -> MLP head -> logits / standardized values          [B, T]   (the GNN member)
 
-D' is the descriptor vector without the Morgan counts at its end.
+D' is the descriptor vector without the Morgan counts at its end (either fingerprint's).
 
 Atom counts (`model.atom_counts`) are each atom column but the mass summed over the real atoms:
 how many aromatic carbons, sp3 nitrogens, charged atoms... Mean pooling describes the typical atom
@@ -20,9 +20,12 @@ trained models would be), because their errors differ: on the benchmark's valida
 pair beat either alone, while the counts fed into the GNN's descriptor MLP made it overfit within
 a few epochs.
 
-The forest member (`model.forest_trees`, mol_props/forest.py) is not trained by gradient: it is
-fitted after the network and joins it in PredictionModel, the exported model, which averages the
-network's probability (or standardized value) with the forest's.
+The forest member (`model.forest_trees`, mol_props/forest.py) and the kernel member
+(`model.kernel_weight`, mol_props/kernel.py) are not trained by gradient: they are fitted after
+the network and join it in PredictionModel, the exported model, which averages the members'
+probabilities (or standardized values), weighted. The kernel member reads the kernel
+fingerprint's counts (`preprocess.kernel_fingerprint`), the very last descriptor columns, which
+neither the network nor the forest reads.
 
 Every op is a MatMul, an elementwise op or a ReduceSum (the forest adds Gather, LessOrEqual and
 Where), so the graph exports to plain ONNX and TensorRT. Padded atoms contribute nothing: every
@@ -39,6 +42,7 @@ from torch_geometric.nn.dense import DenseGINConv, DenseGraphConv
 from mol_props.config import ModelConfig
 from mol_props.errors import ConfigError
 from mol_props.forest import TreeEnsemble, atom_counts
+from mol_props.kernel import TanimotoKernelRidge
 
 
 class AtomwiseMLP(nn.Module):
@@ -94,8 +98,9 @@ class FingerprintMLP(nn.Module):
 
 class MoleculeGNN(nn.Module):
     """Dense GNN + descriptor MLP (+ fingerprint member); raw outputs [B, T] (logits or
-    standardized values). `fingerprint_size` is how many of the D descriptor columns, at the end,
-    are Morgan counts."""
+    standardized values). Of the D descriptor columns, the last `kernel_fingerprint_size` are the
+    kernel member's Morgan counts, which the network ignores, and the `fingerprint_size` before
+    them the fingerprint's."""
 
     def __init__(
         self,
@@ -104,6 +109,7 @@ class MoleculeGNN(nn.Module):
         num_targets: int,
         config: ModelConfig,
         fingerprint_size: int,
+        kernel_fingerprint_size: int = 0,
     ) -> None:
         super().__init__()
         hidden = config.hidden_dim
@@ -116,7 +122,8 @@ class MoleculeGNN(nn.Module):
         self.use_fingerprint = config.fingerprint_hidden_dim > 0 and fingerprint_size > 0
         # The counts go to the fingerprint member (if any) and the forest, never to the GNN: in its
         # descriptor MLP they made it overfit within a few epochs.
-        self.plain_size = descriptor_size - fingerprint_size
+        self.counts_end = descriptor_size - kernel_fingerprint_size
+        self.plain_size = self.counts_end - fingerprint_size
         self.use_atom_counts = config.atom_counts and config.descriptor_hidden_dim > 0
         # Atom counts skip the mass column (the last), the only one that is not 0/1.
         self.count_size = atom_feature_size - 1 if self.use_atom_counts else 0
@@ -154,7 +161,7 @@ class MoleculeGNN(nn.Module):
         layers.append(nn.Linear(width, num_targets))
         self.head = nn.Sequential(*layers)
         self.fingerprint_mlp = (
-            FingerprintMLP(descriptor_size, num_targets, config) if self.use_fingerprint else None
+            FingerprintMLP(self.counts_end, num_targets, config) if self.use_fingerprint else None
         )
         weights = [1.0 - config.fingerprint_weight, config.fingerprint_weight]
         # From the config, not learned: not saved in the state dict, so `train.init_from` and
@@ -194,7 +201,7 @@ class MoleculeGNN(nn.Module):
         plain = scaled[:, : self.plain_size]  # [B, D - fingerprint size]
         members = [self._gnn(atom_features, adjacency, atom_mask, plain)]
         if self.fingerprint_mlp is not None:
-            counts = descriptors[:, self.plain_size :]  # [B, fingerprint size], raw counts
+            counts = descriptors[:, self.plain_size : self.counts_end]  # [B, fingerprint size]
             members.append(self.fingerprint_mlp(plain, counts))
         return torch.stack(members, dim=-1)  # [B, T, M]
 
@@ -222,16 +229,21 @@ class MoleculeGNN(nn.Module):
         return self.head(pooled)  # [B, T]
 
 
-def average_with_forest(network_values: Tensor, forest_values: Tensor, weight: float) -> Tensor:
-    """The two members' [B, T] averaged: probabilities (classification) or standardized values
-    (regression), the forest's share `weight`."""
-    return (1.0 - weight) * network_values + weight * forest_values
+def average_members(
+    network_values: Tensor, other_values: list[Tensor], weights: list[float]
+) -> Tensor:
+    """The members' [B, T] averaged: probabilities (classification) or standardized values
+    (regression). `weights` are the other members' shares; the network has what they leave."""
+    average = (1.0 - sum(weights)) * network_values
+    for values, weight in zip(other_values, weights):
+        average = average + weight * values
+    return average  # [B, T]
 
 
 class PredictionModel(nn.Module):
-    """What gets exported: the GNN (and the forest member, if any) plus the step to what a user
-    wants, so nothing is post-processed outside the model: a probability (classification) or the
-    value in original units (regression)."""
+    """What gets exported: the GNN (and the forest and kernel members, if any) plus the step to
+    what a user wants, so nothing is post-processed outside the model: a probability
+    (classification) or the value in original units (regression)."""
 
     def __init__(
         self,
@@ -241,6 +253,8 @@ class PredictionModel(nn.Module):
         target_std: Tensor,
         forest: TreeEnsemble | None = None,
         forest_weight: float = 0.0,
+        kernel: TanimotoKernelRidge | None = None,
+        kernel_weight: float = 0.0,
     ):
         super().__init__()
         self.network = network
@@ -249,16 +263,24 @@ class PredictionModel(nn.Module):
         self.register_buffer("target_std", target_std.clone())
         self.forest = forest
         self.forest_weight = forest_weight
+        self.kernel = kernel
+        self.kernel_weight = kernel_weight
 
     def forward(
         self, atom_features: Tensor, adjacency: Tensor, atom_mask: Tensor, descriptors: Tensor
     ) -> Tensor:
         raw = self.network(atom_features, adjacency, atom_mask, descriptors)  # [B, T]
-        # Probabilities, or values in standardized units (the forest's too).
+        # Probabilities, or values in standardized units (the other members' too).
         values = torch.sigmoid(raw) if self.task == "classification" else raw  # [B, T]
+        others, weights = [], []
         if self.forest is not None:
-            forest_values = self.forest.molecule_forward(atom_features, atom_mask, descriptors)
-            values = average_with_forest(values, forest_values, self.forest_weight)  # [B, T]
+            others.append(self.forest.molecule_forward(atom_features, atom_mask, descriptors))
+            weights.append(self.forest_weight)
+        if self.kernel is not None:
+            others.append(self.kernel.molecule_forward(atom_features, atom_mask, descriptors))
+            weights.append(self.kernel_weight)
+        if others:
+            values = average_members(values, others, weights)  # [B, T]
         if self.task == "classification":
             return values
         return values * self.target_std + self.target_mean

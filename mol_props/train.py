@@ -4,7 +4,8 @@
       data (DVC pull, else download_data) -> featurize (cached) -> split
       -> epochs: train_epoch, validate, early stopping, best + last checkpoints (fabric.save)
       -> train.refit: a fresh model on train + val for the best epoch count (refit_last.ckpt)
-      -> model.forest_trees: the forest member fitted on the same rows (mol_props.forest)
+      -> model.forest_trees, model.kernel_weight: the forest and kernel members, fitted on
+         train + val (mol_props.forest, mol_props.kernel)
       -> final model on test -> models/best.ckpt, plots/<run>/, MLflow -> export (ONNX)
 
 Reproducibility: every epoch re-seeds torch and the shuffling generator with (seed + epoch), so a
@@ -34,8 +35,9 @@ from mol_props.data import PreparedData, prepare_data
 from mol_props.errors import ConfigError, MolPropsError
 from mol_props.featurize import Featurizer, MoleculeGraph, pad_graphs
 from mol_props.forest import ForestSettings, TreeEnsemble, fit_forest, forest_features
+from mol_props.kernel import TanimotoKernelRidge, fit_kernel
 from mol_props.metrics import MONITORED, evaluate
-from mol_props.model import MoleculeGNN, average_with_forest
+from mol_props.model import MoleculeGNN, average_members
 from mol_props.tracking import RunLogger, git_state
 
 LOGGER = logging.getLogger(__name__)
@@ -284,14 +286,14 @@ def predict(
 
 
 @torch.no_grad()
-def forest_predict(
-    forest: TreeEnsemble, loader: DataLoader, task: str, scaling: Scaling
+def member_predict(
+    member: TreeEnsemble | TanimotoKernelRidge, loader: DataLoader, task: str, scaling: Scaling
 ) -> np.ndarray:
-    """The forest's predictions in user units [M, T] over a loader, in order (on the CPU, where
-    it was fitted)."""
+    """A fitted member's (forest, kernel) predictions in user units [M, T] over a loader, in
+    order (on the CPU, where it was fitted)."""
     values = torch.cat(
         [
-            forest.molecule_forward(
+            member.molecule_forward(
                 batch["atom_features"].cpu(), batch["atom_mask"].cpu(), batch["descriptors"].cpu()
             )
             for batch in loader
@@ -302,13 +304,13 @@ def forest_predict(
     return values * scaling.std + scaling.mean
 
 
-def with_forest(
-    network_values: np.ndarray, forest_values: np.ndarray, weight: float
+def with_members(
+    network_values: np.ndarray, other_values: list[np.ndarray], weights: list[float]
 ) -> np.ndarray:
-    """The exported model's average of the two members, in user units [M, T] (the same numbers:
+    """The exported model's average of the members, in user units [M, T] (the same numbers:
     for regression it averages standardized values, and unscaling is linear)."""
-    return average_with_forest(
-        torch.from_numpy(network_values), torch.from_numpy(forest_values), weight
+    return average_members(
+        torch.from_numpy(network_values), [torch.from_numpy(v) for v in other_values], weights
     ).numpy()
 
 
@@ -521,6 +523,7 @@ def _set_up(
         len(data.target_names),
         config.model,
         fingerprint_size=config.preprocess.fingerprint.size,
+        kernel_fingerprint_size=config.preprocess.kernel_fingerprint.size,
     )
     descriptors = np.stack([data.graphs[i].descriptors for i in train_rows])  # [M_train, D]
     network.set_descriptor_scaling(
@@ -773,14 +776,16 @@ def _fit(
             )
         # The forest stops at no epoch, so it has no use for val but to learn from it: it fits
         # on train + val with or without the refit, and the run's val metrics are the network's.
+        # The kernel member likewise.
+        fitted_rows = np.concatenate([data.splits["train"], data.splits["val"]])
         forest = (
-            _fit_forest(
-                config,
-                data,
-                np.concatenate([data.splits["train"], data.splits["val"]]),
-                trainee.scaling,
-            )
+            _fit_forest(config, data, fitted_rows, trainee.scaling)
             if config.model.forest_trees
+            else None
+        )
+        kernel = (
+            _fit_kernel(config, data, fitted_rows, trainee.scaling)
+            if config.model.kernel_weight > 0
             else None
         )
     except BaseException as error:
@@ -801,10 +806,22 @@ def _fit(
         _, test_values, test_targets = predict(
             trainee.model, trainee.test_loader, task, trainee.scaling
         )
-        if forest is not None:
-            forest_values = forest_predict(forest, trainee.test_loader, task, trainee.scaling)
+        fitted = [
+            (name, member, weight)
+            for name, member, weight in (
+                ("forest", forest, config.model.forest_weight),
+                ("kernel", kernel, config.model.kernel_weight),
+            )
+            if member is not None
+        ]
+        if fitted:
+            member_values = [
+                member_predict(member, trainee.test_loader, task, trainee.scaling)
+                for _, member, _ in fitted
+            ]
             # For comparison: each member alone on the same molecules.
-            for member, values in (("network", test_values), ("forest", forest_values)):
+            names = ["network"] + [name for name, _, _ in fitted]
+            for member, values in zip(names, [test_values, *member_values]):
                 member_test_metrics[member] = evaluate(
                     test_targets, values, task, data.target_names
                 )
@@ -812,7 +829,9 @@ def _fit(
                     tracker.log_metrics(
                         {f"{member}_test_{k}": v for k, v in member_test_metrics[member].items()}
                     )
-            test_values = with_forest(test_values, forest_values, config.model.forest_weight)
+            test_values = with_members(
+                test_values, member_values, [weight for _, _, weight in fitted]
+            )
         test_metrics = evaluate(test_targets, test_values, task, data.target_names)
         figure_paths += evaluation_figures(
             test_targets, test_values, task, data.target_names, run_directory
@@ -828,7 +847,7 @@ def _fit(
         config,
         fabric,
         trainee.network,
-        forest,
+        {"forest": forest, "kernel": kernel},
         data,
         trainee.scaling,
         val_metrics,
@@ -898,13 +917,34 @@ def _fit_forest(
 ) -> TreeEnsemble:
     """The forest member on `rows`, from the features the model computes from its own inputs;
     regression targets standardized as the network's are."""
-    features = forest_features([data.graphs[i] for i in rows])  # [M, D + F - 1]
-    descriptor_count = data.graphs[rows[0]].descriptors.shape[0]  # D: all of them
-    targets = data.targets[rows]  # [M, T]
-    if config.data.task != "classification":
-        targets = (targets - scaling.mean) / scaling.std
+    # D': every descriptor column but the kernel member's counts at the end.
+    descriptor_count = Featurizer(config.preprocess).forest_descriptor_count
+    features = forest_features([data.graphs[i] for i in rows], descriptor_count)  # [M, D' + F - 1]
     settings = ForestSettings.of_model(config.model, seed=config.train.seed)
+    targets = _member_targets(config, data, rows, scaling)
     return fit_forest(features, targets, config.data.task, settings, descriptor_count)
+
+
+def _fit_kernel(
+    config: Config, data: PreparedData, rows: np.ndarray, scaling: Scaling
+) -> TanimotoKernelRidge:
+    """The kernel member on `rows`, from the kernel fingerprint's counts (the last descriptor
+    columns); regression targets standardized as the network's are."""
+    size = config.preprocess.kernel_fingerprint.size
+    counts = np.stack([data.graphs[i].descriptors[-size:] for i in rows])  # [M, K]
+    targets = _member_targets(config, data, rows, scaling)
+    return fit_kernel(counts, targets, config.data.task, config.model.kernel_ridge)
+
+
+def _member_targets(
+    config: Config, data: PreparedData, rows: np.ndarray, scaling: Scaling
+) -> np.ndarray:
+    """[M, T] what the forest and the kernel fit: labels, or values standardized as the
+    network's are (the members are averaged in those units)."""
+    targets = data.targets[rows]
+    if config.data.task == "classification":
+        return targets
+    return (targets - scaling.mean) / scaling.std
 
 
 def evaluation_figures(
@@ -932,16 +972,17 @@ def _save_model(
     config: Config,
     fabric: Fabric,
     network: MoleculeGNN,
-    forest: TreeEnsemble | None,
+    members: dict[str, TreeEnsemble | TanimotoKernelRidge | None],
     data: PreparedData,
     scaling: Scaling,
     val_metrics: dict[str, float],
     test_metrics: dict[str, float],
     trained_on: str,
 ) -> Path:
-    """models/best.ckpt: weights plus everything export needs, as plain types. `val_metrics` are
-    the selected epoch's network's (a refit network and the forest have seen val); `trained_on`
-    says which splits the network saw (the forest always fits on train + val)."""
+    """models/best.ckpt: weights plus everything export needs, as plain types; `members` the
+    fitted forest and kernel, or None. `val_metrics` are the selected epoch's network's (a refit
+    network and the other members have seen val); `trained_on` says which splits the network saw
+    (the other members always fit on train + val)."""
     featurizer = Featurizer(config.preprocess)
     path = Path(config.export.checkpoint)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -960,8 +1001,9 @@ def _save_model(
         "trained_on": trained_on,
         "data_md5": data.data_md5,
     }
-    if forest is not None:
-        payload["forest"] = forest.state()
+    for name, member in members.items():
+        if member is not None:
+            payload[name] = member.state()
     if fabric.is_global_zero:
         temporary = path.with_suffix(".tmp")
         torch.save(payload, temporary)

@@ -38,7 +38,7 @@ def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
 
 def new_network(featurizer, model_config, num_targets: int = 1):
     """A fresh MoleculeGNN sized for `featurizer`'s output, as `mol_props train` builds it (the
-    Morgan counts, if any, are the last `fingerprint.size` descriptor columns)."""
+    fingerprint's Morgan counts come before the kernel fingerprint's, the last columns)."""
     from mol_props.model import MoleculeGNN  # torch: only the tests that build a network
 
     return MoleculeGNN(
@@ -47,6 +47,7 @@ def new_network(featurizer, model_config, num_targets: int = 1):
         num_targets,
         model_config,
         featurizer.config.fingerprint.size,
+        featurizer.kernel_fingerprint_size,
     )
 
 

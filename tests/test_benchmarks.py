@@ -72,6 +72,9 @@ def test_cached_cross_validation_predictions_are_keyed_by_what_the_network_train
     assert cache_path("cache", 1, 5, []) != default and cache_path("cache", 0, 4, []) != default
     # The fold runs fit no forest, so its settings reuse the cache.
     assert cache_path("cache", 0, 5, ["model.forest_weight=0.2"]) == default
+    # Nor a kernel member, whose counts the network does not read.
+    kernel = ["preprocess.kernel_fingerprint.size=64", "model.kernel_weight=0.2"]
+    assert cache_path("cache", 0, 5, kernel) == default
     assert cache_path("", 0, 5, []) is None
 
 

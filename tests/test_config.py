@@ -188,6 +188,23 @@ def test_a_mapping_setting_takes_the_form_people_type(prefix: str):
         (["train.gradient_clip=-1"], ConfigError, "train.gradient_clip=-1.0: must be 0 or more"),
         (["train.warmup_fraction=1.5"], ConfigError, r"warmup_fraction=1.5: .* in \[0, 1\)"),
         (["model.fingerprint_weight=2"], ConfigError, r"fingerprint_weight=2.0: a share"),
+        (
+            ["model.kernel_weight=0.3"],
+            ConfigError,
+            "kernel_weight=0.3: the kernel member reads the counts of "
+            "preprocess.kernel_fingerprint, whose size is 0",
+        ),
+        (
+            ["preprocess.kernel_fingerprint.size=64", "model.kernel_weight=0.4"],
+            ConfigError,
+            r"model.forest_weight=0.7 \+ model.kernel_weight=0.4 > 1",
+        ),
+        (["model.kernel_ridge=0"], ConfigError, "kernel_ridge=0.0: must be positive"),
+        (
+            ["preprocess.kernel_fingerprint.size=-1"],
+            ConfigError,
+            "preprocess.kernel_fingerprint.size=-1: must be 0 or more",
+        ),
         (["model.sum_pooling_scale=0"], ConfigError, "sum_pooling_scale=0.0: must be positive"),
         (["export.parity_tolerance=0"], ConfigError, "parity_tolerance=0.0: must be positive"),
         (["infer.server_timeout_s=-1"], ConfigError, "server_timeout_s=-1.0: must be positive"),

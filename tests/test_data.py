@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import gzip
+import hashlib
+import json
 import logging
 import re
 import warnings
@@ -415,12 +417,35 @@ def test_cache_key_tracks_what_shapes_features(base_config: Config):
         cache_key(
             "md5-a",
             dataclasses.replace(
+                preprocess,
+                kernel_fingerprint=dataclasses.replace(preprocess.kernel_fingerprint, size=64),
+            ),
+            "rows",
+        ),
+        cache_key(
+            "md5-a",
+            dataclasses.replace(
                 preprocess, atom=dataclasses.replace(preprocess.atom, elements=[6, 7, 8])
             ),
             "rows",
         ),
     ]
     assert key not in changed and len(set(changed)) == len(changed)
+
+
+def test_a_kernel_fingerprint_that_is_off_keeps_the_keys_of_caches_made_before_it(
+    base_config: Config,
+):
+    preprocess = base_config.preprocess
+    assert preprocess.kernel_fingerprint.size == 0  # off by default
+    settings = dataclasses.asdict(preprocess)
+    for left_out in ("num_workers", "chunk_size", "cache_dir", "kernel_fingerprint"):
+        settings.pop(left_out)
+    # The key as it was computed before the setting existed.
+    payload = json.dumps(["md5-a", "rows", data.FEATURIZER_VERSION, settings], sort_keys=True)
+    assert (
+        cache_key("md5-a", preprocess, "rows") == hashlib.sha256(payload.encode()).hexdigest()[:16]
+    )
 
 
 def test_cache_key_changes_with_featurizer_version(

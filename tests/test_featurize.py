@@ -287,6 +287,34 @@ def test_width_is_len_of_featurizer(preprocess: PreprocessConfig):
     assert counts.sum() > 0 and (counts >= 0).all() and (counts == np.round(counts)).all()
 
 
+def test_the_kernel_fingerprint_counts_come_last_and_the_forest_reads_up_to_them(
+    preprocess: PreprocessConfig,
+):
+    from rdkit import Chem
+    from rdkit.Chem import rdFingerprintGenerator
+
+    settings = with_settings(
+        preprocess,
+        fingerprint=dataclasses.replace(preprocess.fingerprint, size=32),
+        kernel_fingerprint=dataclasses.replace(preprocess.kernel_fingerprint, size=64),
+    )
+    featurizer = Featurizer(settings)
+    plain = len(preprocess.descriptors)
+    assert featurizer.descriptor_size == plain + 32 + 64
+    assert featurizer.forest_descriptor_count == plain + 32
+    smiles = "c1ccccc1OCC(N)=O"
+    descriptors = featurizer(smiles).descriptors
+    for counts, radius, size in (
+        (descriptors[plain : plain + 32], 1, 32),
+        (descriptors[-64:], 2, 64),
+    ):
+        generator = rdFingerprintGenerator.GetMorganGenerator(radius=radius, fpSize=size)
+        expected = generator.GetCountFingerprintAsNumPy(Chem.MolFromSmiles(smiles))
+        np.testing.assert_array_equal(counts, expected)
+    # Without the kernel fingerprint, the layout is what it was.
+    assert Featurizer(preprocess).forest_descriptor_count == Featurizer(preprocess).descriptor_size
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [

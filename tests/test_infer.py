@@ -534,6 +534,22 @@ def test_reading_streams_in_chunks(tmp_path: Path):
 # --- buckets -----------------------------------------------------------------------------------
 
 
+def test_a_model_exported_before_the_kernel_fingerprint_existed_still_loads(
+    exported_model: ExportedModel,
+):
+    metadata = ModelMetadata.load(exported_model.metadata_path)
+    older = dataclasses.replace(
+        metadata,
+        preprocess={
+            name: value
+            for name, value in metadata.preprocess.items()
+            if name != "kernel_fingerprint"
+        },
+    )
+    assert older.preprocess_config().kernel_fingerprint.size == 0  # the setting off
+    assert older.featurizer().descriptor_size == metadata.descriptor_size
+
+
 def test_predictions_identical_across_atom_buckets(exported_model: ExportedModel):
     """Padding to 32/64/128 by size, all to 128, or the fixed-shape Triton model: same numbers."""
     smiles = [row["SMILES"] for row in b3db_rows(400)]

@@ -182,6 +182,32 @@ def test_without_a_fingerprint_member_the_gnn_ignores_the_morgan_counts():
     assert not torch.allclose(weight_too, original)
 
 
+@pytest.mark.parametrize("fingerprint_member", [False, True])
+def test_the_network_ignores_the_kernel_members_counts(fingerprint_member: bool):
+    config = compose_config(
+        ["preprocess.fingerprint.size=64", "preprocess.kernel_fingerprint.size=32"]
+        + [f"model.fingerprint_hidden_dim={32 if fingerprint_member else 0}"]
+    )
+    featurizer = Featurizer(config.preprocess)
+    torch.manual_seed(0)
+    model = MoleculeGNN(
+        featurizer.atom_feature_size, featurizer.descriptor_size, 1, config.model, 64, 32
+    ).eval()
+    graphs = [featurizer(smiles) for smiles in MOLECULES]
+    inputs = pad_graphs(graphs, 32, featurizer.descriptor_size, len(featurizer)).as_inputs()
+    tensors = [torch.from_numpy(inputs[name]) for name in inputs]
+    kernel_changed = tensors[3].clone()
+    kernel_changed[:, -32:] += 3.0
+    fingerprint_changed = tensors[3].clone()
+    fingerprint_changed[:, -96:-32] += 3.0  # the fingerprint's counts, before the kernel's
+    with torch.no_grad():
+        original = model(*tensors)
+        torch.testing.assert_close(model(*tensors[:3], kernel_changed), original)
+        # The fingerprint member (if any) still reads its own counts.
+        moved = not torch.allclose(model(*tensors[:3], fingerprint_changed), original)
+    assert moved == fingerprint_member
+
+
 class _InputRecorder(torch.nn.Module):
     """Stands in for the descriptor MLP's first layer: keeps what it is given."""
 

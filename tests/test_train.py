@@ -438,23 +438,22 @@ def test_fabric_settings_that_cannot_work_name_themselves(tmp_path, override, na
     assert str(caught.value).startswith("train.accelerator=")
 
 
-def test_a_lightning_message_reaches_the_console_once(capsys, monkeypatch):
-    from lightning.fabric.utilities.seed import seed_everything
-
-    lightning_logger = logging.getLogger("lightning")
-    monkeypatch.setattr(lightning_logger, "propagate", lightning_logger.propagate)  # restored
-    console = logging.StreamHandler(sys.stderr)  # the root handler `mol_props train` sets up
-    logging.getLogger().addHandler(console)
-    # Lightning's own console handler took the stderr of its import; point it at this test's.
-    streams = [handler.setStream(sys.stderr) for handler in lightning_logger.handlers]
-    try:
-        train.print_lightning_messages_once()
-        seed_everything(0)
-    finally:
-        logging.getLogger().removeHandler(console)
-        for handler, stream in zip(lightning_logger.handlers, streams):
-            handler.setStream(stream)
-    assert capsys.readouterr().err.count("Seed set to 0") == 1
+def test_a_lightning_message_reaches_the_console_once():
+    """Logging as `mol_props train` sets it up, in a fresh interpreter: in this one, other
+    tests have already added and changed handlers."""
+    script = (
+        "import logging, sys\n"
+        "logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stderr)\n"
+        "from lightning.fabric.utilities.seed import seed_everything\n"
+        "from mol_props import train\n"
+        "train.print_lightning_messages_once()\n"
+        "seed_everything(0)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.count("Seed set to 0") == 1
 
 
 def test_an_empty_validation_split_is_a_clear_error(tmp_path, molecules_csv):
@@ -641,6 +640,69 @@ def test_regression_targets_are_standardized_and_restored(tmp_path):
     assert {"rmse", "mae", "r2"} <= set(result.test_metrics)
     assert (result.run_directory / "parity.png").is_file()
     assert (result.run_directory / "residuals.png").is_file()
+
+
+def test_the_small_data_preset_serves_forest_and_kernel_and_the_exported_model_scores_it(
+    tmp_path,
+):
+    from sklearn.kernel_ridge import KernelRidge
+
+    from mol_props.infer import LocalPredictor
+    from mol_props.kernel import TanimotoKernelRidge, tanimoto
+    from mol_props.metrics import evaluate
+    from tests.conftest import b3db_rows
+
+    shutil.copytree(REPO_ROOT / "triton_repo", tmp_path / "triton_repo")  # export fills a copy
+    data_path = tmp_path / "logbb.csv"
+    rows = b3db_rows(150, "B3DB_regression.tsv")
+    data_path.write_text(
+        "smiles,logBB\n" + "".join(f"{row['SMILES']},{row['logBB']}\n" for row in rows)
+    )
+    config = _config(
+        tmp_path,
+        data_path,
+        "data.task=regression",
+        "data.target_columns=[logBB]",
+        "train=small_data",
+        "train.max_epochs=2",
+        "model.forest_trees=10",
+    )
+    assert (config.model.forest_weight, config.model.kernel_weight) == (0.7, 0.3)
+    result = train.run(config)
+    assert set(result.member_test_metrics) == {"network", "forest", "kernel"}
+    payload = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
+    kernel = TanimotoKernelRidge.from_state(payload["kernel"])
+
+    # scikit-learn's kernel ridge on the same counts, fitted on train + val (standardized values).
+    data = prepare_data(config.data, config.preprocess, progress=False)
+    size = config.preprocess.kernel_fingerprint.size
+    fitted = np.concatenate([data.splits["train"], data.splits["val"]])
+    test = data.splits["test"]
+    counts = np.stack([graph.descriptors[-size:] for graph in data.graphs]).astype(np.float64)
+    mean, std = payload["target_mean"][0], payload["target_std"][0]
+    standardized = (data.targets[fitted, 0] - mean) / std
+    reference = KernelRidge(alpha=config.model.kernel_ridge, kernel="precomputed")
+    reference.fit(tanimoto(counts[fitted], counts[fitted]), standardized - standardized.mean())
+    expected = reference.predict(tanimoto(counts[test], counts[fitted])) + standardized.mean()
+    with torch.no_grad():
+        ours = kernel(torch.from_numpy(counts[test].astype(np.float32)))[:, 0].numpy()
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4)
+    kernel_rmse = evaluate(
+        data.targets[test], (expected * std + mean)[:, None], "regression", ["y"]
+    )
+    assert result.member_test_metrics["kernel"]["rmse"] == pytest.approx(
+        kernel_rmse["rmse"], abs=1e-4
+    )
+
+    # The exported model carries both members: its predictions score the run's test RMSE.
+    exported = export.run(config)
+    assert exported.max_difference <= 1e-4
+    predictor = LocalPredictor(
+        exported.dynamic_onnx_path, ModelMetadata.load(exported.metadata_path), config.infer
+    )
+    predicted = predictor.predict([data.smiles[i] for i in test]).values
+    served = evaluate(data.targets[test], predicted, "regression", ["y"])
+    assert served["rmse"] == pytest.approx(result.test_metrics["rmse"], abs=1e-5)
 
 
 def test_two_classification_targets_with_missing_labels_train_and_export(tmp_path):
