@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pytest
 
 from mol_props.config import Config, compose_config
@@ -77,6 +78,33 @@ def b3db_rows(count: int, table: str = "B3DB_classification.tsv") -> list[dict[s
     with (Path(spec.origin).parent / table).open(newline="") as handle:
         reader = csv.DictReader(handle, delimiter="\t")
         return [row for _, row in zip(range(count), reader)]
+
+
+def b3db_spread(featurizer, step: int, count: int) -> tuple[list, np.ndarray, np.ndarray]:
+    """`count` real B3DB molecules, every `step`-th row (the table is grouped by class: a spread
+    of both), featurized: graphs, BBB labels [M], and logBB-like values [M] that the features
+    explain in part (TPSA, a descriptor, with noise)."""
+    from mol_props.featurize import MoleculeGraph
+
+    rows = b3db_rows(8000)[::step]
+    graphs, labels = [], []
+    for row, graph in zip(rows, featurizer.featurize_many(row["SMILES"] for row in rows)):
+        if isinstance(graph, MoleculeGraph):
+            graphs.append(graph)
+            labels.append(1.0 if row["BBB+/BBB-"] == "BBB+" else 0.0)
+    graphs, labels = graphs[:count], np.array(labels[:count])
+    tpsa = np.array([graph.descriptors[1] for graph in graphs])
+    values = tpsa / 50 + np.random.default_rng(0).normal(0, 0.3, len(graphs))
+    return graphs, labels, values
+
+
+def write_logbb_csv(path: Path, count: int) -> Path:
+    """A CSV of the first `count` molecules of B3DB's logBB table: columns smiles,logBB."""
+    rows = b3db_rows(count, "B3DB_regression.tsv")
+    path.write_text(
+        "smiles,logBB\n" + "".join(f"{row['SMILES']},{row['logBB']}\n" for row in rows)
+    )
+    return path
 
 
 def write_molecule_csv(path: Path, count: int) -> Path:

@@ -21,7 +21,7 @@ from mol_props.forest import (
     molecule_features,
 )
 from mol_props.model import PredictionModel
-from tests.conftest import b3db_rows, new_network
+from tests.conftest import b3db_spread, new_network
 
 INPUT_NAMES = ["atom_features", "adjacency", "atom_mask", "descriptors"]
 
@@ -30,16 +30,7 @@ INPUT_NAMES = ["atom_features", "adjacency", "atom_mask", "descriptors"]
 def molecules() -> tuple[list[MoleculeGraph], np.ndarray, np.ndarray, Featurizer]:
     """160 real B3DB molecules: graphs, BBB labels [M], logBB-like values [M], the featurizer."""
     featurizer = Featurizer(compose_config([]).preprocess)
-    graphs, labels = [], []
-    for row in b3db_rows(8000)[::45]:  # the table is grouped by class: a spread of both
-        graph = featurizer(row["SMILES"])
-        if isinstance(graph, MoleculeGraph):
-            graphs.append(graph)
-            labels.append(1.0 if row["BBB+/BBB-"] == "BBB+" else 0.0)
-    graphs, labels = graphs[:160], np.array(labels[:160])
-    # A regression target the features explain in part: TPSA (a descriptor) with noise.
-    tpsa = np.array([graph.descriptors[1] for graph in graphs])
-    values = tpsa / 50 + np.random.default_rng(0).normal(0, 0.3, len(graphs))
+    graphs, labels, values = b3db_spread(featurizer, step=45, count=160)
     return graphs, labels, values, featurizer
 
 

@@ -15,7 +15,7 @@ from mol_props.export import export_onnx
 from mol_props.featurize import Featurizer, MoleculeGraph, pad_graphs
 from mol_props.kernel import TanimotoKernelRidge, fit_kernel, tanimoto
 from mol_props.model import PredictionModel
-from tests.conftest import b3db_rows, new_network
+from tests.conftest import b3db_spread, new_network
 
 INPUT_NAMES = ["atom_features", "adjacency", "atom_mask", "descriptors"]
 KERNEL_COUNTS = 128
@@ -28,16 +28,7 @@ def molecules() -> tuple[list[MoleculeGraph], np.ndarray, np.ndarray, Featurizer
     featurizer = Featurizer(
         compose_config([f"preprocess.kernel_fingerprint.size={KERNEL_COUNTS}"]).preprocess
     )
-    graphs, labels = [], []
-    rows = b3db_rows(8000)[::60]  # the table is grouped by class: a spread of both
-    for row, graph in zip(rows, featurizer.featurize_many(row["SMILES"] for row in rows)):
-        if isinstance(graph, MoleculeGraph):
-            graphs.append(graph)
-            labels.append(1.0 if row["BBB+/BBB-"] == "BBB+" else 0.0)
-    graphs, labels = graphs[:120], np.array(labels[:120])
-    # A regression target the counts explain in part: TPSA (a descriptor) with noise.
-    tpsa = np.array([graph.descriptors[1] for graph in graphs])
-    values = tpsa / 50 + np.random.default_rng(0).normal(0, 0.3, len(graphs))
+    graphs, labels, values = b3db_spread(featurizer, step=60, count=120)
     return graphs, labels, values, featurizer
 
 

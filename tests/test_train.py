@@ -618,13 +618,10 @@ def test_training_completes_when_the_server_is_down(tmp_path, molecules_csv, cap
 
 def test_regression_targets_are_standardized_and_restored(tmp_path):
     """logBB in, logBB out: the scaler is saved with the model."""
-    from tests.conftest import b3db_rows
+    from tests.conftest import b3db_rows, write_logbb_csv
 
-    data_path = tmp_path / "logbb.csv"
+    data_path = write_logbb_csv(tmp_path / "logbb.csv", 150)
     rows = b3db_rows(150, "B3DB_regression.tsv")
-    data_path.write_text(
-        "smiles,logBB\n" + "".join(f"{row['SMILES']},{row['logBB']}\n" for row in rows)
-    )
     config = _config(
         tmp_path,
         data_path,
@@ -650,14 +647,10 @@ def test_the_small_data_preset_serves_forest_and_kernel_and_the_exported_model_s
     from mol_props.infer import LocalPredictor
     from mol_props.kernel import TanimotoKernelRidge, tanimoto
     from mol_props.metrics import evaluate
-    from tests.conftest import b3db_rows
+    from tests.conftest import write_logbb_csv
 
     shutil.copytree(REPO_ROOT / "triton_repo", tmp_path / "triton_repo")  # export fills a copy
-    data_path = tmp_path / "logbb.csv"
-    rows = b3db_rows(150, "B3DB_regression.tsv")
-    data_path.write_text(
-        "smiles,logBB\n" + "".join(f"{row['SMILES']},{row['logBB']}\n" for row in rows)
-    )
+    data_path = write_logbb_csv(tmp_path / "logbb.csv", 150)
     config = _config(
         tmp_path,
         data_path,
