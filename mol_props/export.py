@@ -10,6 +10,7 @@ original units), so no step after it needs to know about scaling.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -185,10 +186,23 @@ def check_fixed_shapes(
         )
 
 
+def float32_rounding(model: PredictionModel, inputs: dict[str, np.ndarray]) -> float:
+    """Max |PyTorch in float32 - PyTorch in float64| on `inputs`: how far the model's own
+    float32 arithmetic is from exact. Tiny for the network and the forest; a kernel member over
+    thousands of molecules sums products that cancel, and loses ~1e-4 to rounding order."""
+    reference = copy.deepcopy(model).double()
+    with torch.no_grad():
+        single = model(*(torch.from_numpy(inputs[name]) for name in INPUT_NAMES))
+        double = reference(*(torch.from_numpy(inputs[name]).double() for name in INPUT_NAMES))
+    return float((single.double() - double).abs().max())
+
+
 def check_parity(
     model: PredictionModel, path: Path, inputs: dict[str, np.ndarray], tolerance: float
 ) -> float:
-    """Max |ONNX Runtime - PyTorch| on the given inputs; raises above `tolerance`."""
+    """Max |ONNX Runtime - PyTorch| on the given inputs; raises above `tolerance` plus twice the
+    model's own float32 rounding (`float32_rounding`): two float32 runs that each round that
+    much may differ by both, and no exporter can do better."""
     import onnx
     import onnxruntime
 
@@ -198,10 +212,14 @@ def check_parity(
     with torch.no_grad():
         torch_output = model(*(torch.from_numpy(inputs[name]) for name in INPUT_NAMES)).numpy()
     difference = float(np.max(np.abs(onnx_output - torch_output)))
-    if not difference <= tolerance:
+    if difference <= tolerance:
+        return difference
+    rounding = float32_rounding(model, inputs)
+    if not difference <= tolerance + 2 * rounding:
         raise ExportError(
-            f"{path}: ONNX Runtime differs from PyTorch by {difference:.2e} "
-            f"(tolerance {tolerance:.0e})"
+            f"{path}: ONNX Runtime differs from PyTorch by {difference:.2e} (tolerance "
+            f"{tolerance:.0e}, plus twice PyTorch's own float32 rounding, {rounding:.1e} "
+            "against float64)"
         )
     return difference
 
@@ -267,9 +285,13 @@ def run(config: Config, validation_graphs: list[MoleculeGraph] | None = None) ->
         check_parity(model, dynamic_path, few_inputs, tolerance),
     ]
     difference = max(differences)
+    allowance = f"tolerance {tolerance:.0e}"
+    if difference > tolerance:  # passed on the model's own float32 rounding (check_parity)
+        rounding = float32_rounding(model, fixed_inputs)
+        allowance += f", plus twice PyTorch's own float32 rounding: {rounding:.1e} against float64"
     print(
         f"export: parity ONNX Runtime vs PyTorch on {len(graphs)} validation molecules: "
-        f"max |diff| = {difference:.2e} (tolerance {tolerance:.0e})"
+        f"max |diff| = {difference:.2e} ({allowance})"
     )
     metadata_path = Path(settings.metadata_path)
     metadata.save(metadata_path)

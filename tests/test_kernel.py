@@ -11,7 +11,13 @@ from sklearn.kernel_ridge import KernelRidge
 
 from mol_props.config import compose_config
 from mol_props.errors import ConfigError
-from mol_props.export import export_onnx
+from mol_props.export import (
+    ExportError,
+    check_parity,
+    example_inputs,
+    export_onnx,
+    float32_rounding,
+)
 from mol_props.featurize import Featurizer, MoleculeGraph, pad_graphs
 from mol_props.kernel import TanimotoKernelRidge, fit_kernel, tanimoto
 from mol_props.model import PredictionModel
@@ -124,3 +130,26 @@ def test_checkpoint_state_and_onnx_runtime_give_the_same_values(molecules, tmp_p
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     (onnx_values,) = session.run(None, {name: feeds[name] for name in INPUT_NAMES})
     np.testing.assert_allclose(onnx_values, served, rtol=1e-4, atol=1e-4)
+
+
+def test_export_parity_allows_the_models_own_float32_rounding_and_no_more(molecules, tmp_path):
+    graphs, _, values, featurizer = molecules
+    # So little smoothing gives large coefficients whose products cancel: float32 sums of them
+    # lose digits that no exporter can keep (thousands of molecules do the same at ridge 0.03).
+    kernel = fit_kernel(_counts(graphs), values[:, None], "regression", ridge=1e-3)
+    torch.manual_seed(0)
+    network = new_network(featurizer, compose_config([]).model).eval()
+    model = PredictionModel(
+        network, "regression", torch.zeros(1), torch.ones(1), kernel=kernel, kernel_weight=1.0
+    ).eval()
+    inputs = example_inputs(graphs, 128, featurizer)
+    rounding = float32_rounding(model, inputs)
+    assert rounding > 1e-6
+    path = tmp_path / "model.onnx"
+    export_onnx(model, inputs, path, opset=17, dynamic_atoms=False)
+    difference = check_parity(model, path, inputs, tolerance=1e-9)
+    assert 1e-9 < difference <= 2 * rounding + 1e-9  # above the tolerance, within the rounding
+    with torch.no_grad():
+        kernel.offsets.add_(10 * rounding)  # a model the file no longer matches
+    with pytest.raises(ExportError, match="plus twice PyTorch's own float32 rounding"):
+        check_parity(model, path, inputs, tolerance=1e-9)
