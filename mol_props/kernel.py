@@ -5,7 +5,7 @@ scaffold cross-validation on the B3DB regression benchmark's 952 train + val mol
 RMSE, seeds 0 / 1), the forest alone scored 0.5165 / 0.5367, this kernel on 1024 radius-2 counts
 alone 0.565 / 0.575, and 0.7 x forest + 0.3 x kernel 0.5098 / 0.5279: the two err differently.
 
-The similarity of counts a and b is the Tanimoto (Jaccard) form for real vectors,
+The similarity of counts a and b is the Tanimoto coefficient for real vectors,
 a.b / (|a|^2 + |b|^2 - a.b): 1 for equal counts, 0 for no shared environment. Fitting solves
 (K + ridge I) c = y - mean(y) over the training molecules; a prediction is
 similarities-to-the-training-molecules @ c + mean(y). Everything is a MatMul and elementwise
@@ -26,6 +26,10 @@ from torch import Tensor, nn
 from mol_props.errors import ConfigError
 
 LOGGER = logging.getLogger(__name__)
+
+# The fit holds a few [M, M] float64 matrices (~3 GB each at 20,000 molecules), and the served
+# model every training molecule's counts: beyond this, the member is the wrong tool.
+MAX_KERNEL_MOLECULES = 20_000
 
 
 def tanimoto(counts: np.ndarray, support: np.ndarray) -> np.ndarray:
@@ -81,6 +85,17 @@ class TanimotoKernelRidge(nn.Module):
         return cls(**state)
 
 
+def check_kernel_size(molecules: int) -> None:
+    """Refuses a training set the kernel member cannot hold (`mol_props train` asks before
+    training the network, not after)."""
+    if molecules > MAX_KERNEL_MOLECULES:
+        raise ConfigError(
+            f"model.kernel_weight: the kernel member keeps every training molecule, and "
+            f"{molecules:,} would need ~{3 * 8 * molecules**2 / 1e9:.0f} GB to fit "
+            f"(at most {MAX_KERNEL_MOLECULES:,}); set model.kernel_weight=0 for this table"
+        )
+
+
 def fit_kernel(
     counts: np.ndarray, targets: np.ndarray, task: str, ridge: float
 ) -> TanimotoKernelRidge:
@@ -88,6 +103,7 @@ def fit_kernel(
     classification). `counts` [M, K]; `targets` [M, T] (NaN = missing; for regression, in the
     units the model's other members predict). A molecule keeps coefficient 0 for a target it has
     no label for, so one support set serves every target."""
+    check_kernel_size(len(counts))
     started = time.perf_counter()
     support = counts.astype(np.float64)
     similarity = tanimoto(support, support)  # [M, M]

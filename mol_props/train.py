@@ -35,7 +35,7 @@ from mol_props.data import PreparedData, prepare_data
 from mol_props.errors import ConfigError, MolPropsError
 from mol_props.featurize import Featurizer, MoleculeGraph, pad_graphs
 from mol_props.forest import ForestSettings, TreeEnsemble, fit_forest, forest_features
-from mol_props.kernel import TanimotoKernelRidge, fit_kernel
+from mol_props.kernel import TanimotoKernelRidge, check_kernel_size, fit_kernel
 from mol_props.metrics import MONITORED, evaluate
 from mol_props.model import MoleculeGNN, average_members
 from mol_props.tracking import RunLogger, git_state
@@ -710,6 +710,8 @@ def _fit(
     settings = config.train
     task = config.data.task
     check_splits(data)
+    if config.model.kernel_weight > 0:  # it fits on train + val after the network: ask first
+        check_kernel_size(len(data.splits["train"]) + len(data.splits["val"]))
     monitored = monitored_metric(task, data.targets[data.splits["val"]])
     metric = monitored[0]
     if metric != MONITORED[task][0]:

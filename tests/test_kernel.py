@@ -99,6 +99,17 @@ def test_a_target_without_labels_is_a_clear_error(molecules):
         fit_kernel(_counts(graphs[:20]), targets, "regression", ridge=0.1)
 
 
+def test_a_table_too_large_for_the_kernel_is_refused_before_the_fit(molecules, monkeypatch):
+    from mol_props import kernel
+
+    graphs, _, values, _ = molecules
+    monkeypatch.setattr(kernel, "MAX_KERNEL_MOLECULES", 50)
+    with pytest.raises(
+        ConfigError, match="the kernel member keeps every training molecule, and 60"
+    ):
+        fit_kernel(_counts(graphs[:60]), values[:60, None], "regression", ridge=0.1)
+
+
 def test_checkpoint_state_and_onnx_runtime_give_the_same_values(molecules, tmp_path):
     graphs, _, values, featurizer = molecules
     kernel = fit_kernel(_counts(graphs[:90]), values[:90, None], "regression", ridge=0.03)

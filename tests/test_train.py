@@ -456,6 +456,23 @@ def test_a_lightning_message_reaches_the_console_once():
     assert result.stderr.count("Seed set to 0") == 1
 
 
+def test_a_table_too_large_for_the_kernel_is_refused_before_training(
+    tmp_path, molecules_csv, monkeypatch
+):
+    from mol_props import kernel
+
+    monkeypatch.setattr(kernel, "MAX_KERNEL_MOLECULES", 50)
+    config = _config(
+        tmp_path,
+        molecules_csv,
+        "preprocess.kernel_fingerprint.size=64",
+        "model.kernel_weight=0.2",
+    )
+    with pytest.raises(ConfigError, match="the kernel member keeps every training molecule"):
+        train.run(config)
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()  # no epoch was trained
+
+
 def test_an_empty_validation_split_is_a_clear_error(tmp_path, molecules_csv):
     config = _config(tmp_path, molecules_csv, "data.split.fractions=[1.0,0.0,0.0]")
     with pytest.raises(ConfigError, match="the val split is empty"):
