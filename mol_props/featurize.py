@@ -214,15 +214,10 @@ class Featurizer:
             for setting in (config.fingerprint, config.kernel_fingerprint)
             if setting.size > 0
         ]
-        # The kernel member's counts come last, so every other reader takes a prefix.
-        self.kernel_fingerprint_size = config.kernel_fingerprint.size
-        self.descriptor_size = (
-            len(self._descriptor_functions)
-            + config.fingerprint.size
-            + self.kernel_fingerprint_size
-        )
-        # What the forest reads of them: all but the kernel member's counts.
-        self.forest_descriptor_count = self.descriptor_size - self.kernel_fingerprint_size
+        # The kernel member's counts come last, so every other reader takes a prefix: the forest
+        # reads all descriptor columns before them.
+        self.forest_descriptor_count = len(self._descriptor_functions) + config.fingerprint.size
+        self.descriptor_size = self.forest_descriptor_count + config.kernel_fingerprint.size
         self._periodic_table = Chem.GetPeriodicTable()
         self._rows: dict[tuple, np.ndarray] = {}
         # Rows of atom kinds met so far, by invariant key (see `_atom_features_by_invariants`):

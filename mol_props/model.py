@@ -198,7 +198,7 @@ class MoleculeGNN(nn.Module):
     ) -> Tensor:
         """Each member's raw outputs [B, T, M]: the GNN, then the fingerprint MLP if any."""
         scaled = (descriptors - self.descriptor_mean) / self.descriptor_std  # [B, D]
-        plain = scaled[:, : self.plain_size]  # [B, D - fingerprint size]
+        plain = scaled[:, : self.plain_size]  # [B, D'] without either fingerprint's counts
         members = [self._gnn(atom_features, adjacency, atom_mask, plain)]
         if self.fingerprint_mlp is not None:
             counts = descriptors[:, self.plain_size : self.counts_end]  # [B, fingerprint size]

@@ -48,7 +48,7 @@ def new_network(featurizer, model_config, num_targets: int = 1):
         num_targets,
         model_config,
         featurizer.config.fingerprint.size,
-        featurizer.kernel_fingerprint_size,
+        featurizer.config.kernel_fingerprint.size,
     )
 
 
