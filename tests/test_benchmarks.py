@@ -58,6 +58,16 @@ def test_cross_validation_folds_keep_scaffolds_whole_and_balanced(
     assert (scaffold_folds(scaffolds, 3, seed=0) == assignment).all()  # seeded
 
 
+def test_lone_scaffolds_are_the_molecules_alone_with_their_scaffold(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    from blend_cv import lone_scaffolds
+
+    scaffolds = ["c1ccccc1", "C1CCNCC1", "c1ccccc1", "", "c1ccncc1", ""]
+    assert lone_scaffolds(scaffolds).tolist() == [False, True, False, False, True, False]
+
+
 def test_cached_cross_validation_predictions_are_keyed_by_what_the_network_trains_with(
     monkeypatch: pytest.MonkeyPatch,
 ):
