@@ -738,22 +738,11 @@ def _fit(
         refit_last.unlink(missing_ok=True)
     fabric.barrier()
 
-    tracker = RunLogger(config.logging, run_name) if fabric.is_global_zero else None
+    tracker = (
+        _start_tracking(config, data, run_name, run_directory) if fabric.is_global_zero else None
+    )
     if tracker is not None:
         state["mlflow_run_id"] = tracker.run.info.run_id
-        commit, dirty = git_state()
-        tracker.log_params(to_flat_dict(config))
-        tracker.set_tags(
-            {
-                "mlflow.source.git.commit": commit,
-                "git_dirty": str(dirty).lower(),
-                "data_md5": data.data_md5,
-                "data_name": config.data.name,
-                "task": task,
-                "resumed": str(settings.resume).lower(),
-            }
-        )
-        tracker.log_artifact(run_directory / "split.csv")
 
     status = "FINISHED"
     try:
@@ -776,20 +765,7 @@ def _fit(
             trainee, refit_history = _refit(
                 config, fabric, data, best_epoch, refit_last, monitored, tracker
             )
-        # The forest stops at no epoch, so it has no use for val but to learn from it: it fits
-        # on train + val with or without the refit, and the run's val metrics are the network's.
-        # The kernel member likewise.
-        fitted_rows = np.concatenate([data.splits["train"], data.splits["val"]])
-        forest = (
-            _fit_forest(config, data, fitted_rows, trainee.scaling)
-            if config.model.forest_trees
-            else None
-        )
-        kernel = (
-            _fit_kernel(config, data, fitted_rows, trainee.scaling)
-            if config.model.kernel_weight > 0
-            else None
-        )
+        members = _fit_members(config, data, trainee.scaling)
     except BaseException as error:
         # MLflow's run statuses: stopped by the user, or failed.
         status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
@@ -797,72 +773,48 @@ def _fit(
             tracker.finish(status)
         raise
 
-    test_metrics: dict[str, float] = {}
-    member_test_metrics: dict[str, dict[str, float]] = {}
     figure_paths = [
         plots.learning_curves(
             history, metric, run_directory / "learning_curves.png", refit_history
         )
     ]
+    test_metrics: dict[str, float] = {}
+    member_test_metrics: dict[str, dict[str, float]] = {}
     if trainee.test_loader is not None:
-        _, test_values, test_targets = predict(
-            trainee.model, trainee.test_loader, task, trainee.scaling
+        test_values, test_targets, member_test_metrics = _test_predictions(
+            trainee, members, task, data.target_names
         )
-        fitted = [
-            (name, member, weight)
-            for name, member, weight in (
-                ("forest", forest, config.model.forest_weight),
-                ("kernel", kernel, config.model.kernel_weight),
-            )
-            if member is not None
-        ]
-        if fitted:
-            member_values = [
-                member_predict(member, trainee.test_loader, task, trainee.scaling)
-                for _, member, _ in fitted
-            ]
-            # For comparison: each member alone on the same molecules.
-            names = ["network"] + [name for name, _, _ in fitted]
-            for member, values in zip(names, [test_values, *member_values]):
-                member_test_metrics[member] = evaluate(
-                    test_targets, values, task, data.target_names
-                )
-                if tracker is not None:
-                    tracker.log_metrics(
-                        {f"{member}_test_{k}": v for k, v in member_test_metrics[member].items()}
-                    )
-            test_values = with_members(
-                test_values, member_values, [weight for _, _, weight in fitted]
-            )
         test_metrics = evaluate(test_targets, test_values, task, data.target_names)
         figure_paths += evaluation_figures(
             test_targets, test_values, task, data.target_names, run_directory
         )
-        if settings.refit and tracker is not None:
-            # For comparison only: the model the epoch count came from, before the refit.
-            _, values, targets = predict(
-                selected.model, selected.test_loader, task, selected.scaling
-            )
-            selected_metrics = evaluate(targets, values, task, data.target_names)
-            tracker.log_metrics({f"select_test_{k}": v for k, v in selected_metrics.items()})
+        if tracker is not None:
+            for member, metrics in member_test_metrics.items():
+                tracker.log_metrics({f"{member}_test_{k}": v for k, v in metrics.items()})
+            if settings.refit:
+                # For comparison only: the model the epoch count came from, before the refit.
+                _, values, targets = predict(
+                    selected.model, selected.test_loader, task, selected.scaling
+                )
+                selected_metrics = evaluate(targets, values, task, data.target_names)
+                tracker.log_metrics({f"select_test_{k}": v for k, v in selected_metrics.items()})
     checkpoint = _save_model(
         config,
         fabric,
         trainee.network,
-        {"forest": forest, "kernel": kernel},
+        {member.name: member.module for member in members},
         data,
         trainee.scaling,
         val_metrics,
         test_metrics,
         trained_on="train+val" if settings.refit else "train",
     )
-    elapsed = time.perf_counter() - started
     if tracker is not None:
         tracker.log_metrics({f"best_val_{name}": value for name, value in val_metrics.items()})
         tracker.log_metrics({f"test_{name}": value for name, value in test_metrics.items()})
         tracker.log_metrics(
             {
-                "train_seconds": elapsed,
+                "train_seconds": time.perf_counter() - started,
                 "epochs_run": float(state["epoch"]),
                 "best_epoch": float(best_epoch),
             }
@@ -883,6 +835,74 @@ def _fit(
         member_test_metrics=member_test_metrics,
         is_global_zero=fabric.is_global_zero,
     )
+
+
+def _start_tracking(
+    config: Config, data: PreparedData, run_name: str, run_directory: Path
+) -> RunLogger:
+    """The run's MLflow run: the resolved config as params, the commit, data and task as tags,
+    and the split it trains on."""
+    tracker = RunLogger(config.logging, run_name)
+    commit, dirty = git_state()
+    tracker.log_params(to_flat_dict(config))
+    tracker.set_tags(
+        {
+            "mlflow.source.git.commit": commit,
+            "git_dirty": str(dirty).lower(),
+            "data_md5": data.data_md5,
+            "data_name": config.data.name,
+            "task": config.data.task,
+            "resumed": str(config.train.resume).lower(),
+        }
+    )
+    tracker.log_artifact(run_directory / "split.csv")
+    return tracker
+
+
+@dataclass
+class Member:
+    """A fitted member averaged with the network in the served model (Train step 6)."""
+
+    name: str  # "forest" or "kernel": its key in the checkpoint and in the summary line
+    module: TreeEnsemble | TanimotoKernelRidge
+    weight: float  # its share of the average
+
+
+def _fit_members(config: Config, data: PreparedData, scaling: Scaling) -> list[Member]:
+    """The members the config asks for, fitted on train + val. The forest stops at no epoch, so
+    it has no use for val but to learn from it: it fits on train + val with or without the
+    refit, and the run's val metrics are the network's. The kernel member likewise."""
+    rows = np.concatenate([data.splits["train"], data.splits["val"]])
+    members = []
+    if config.model.forest_trees:
+        forest = _fit_forest(config, data, rows, scaling)
+        members.append(Member("forest", forest, config.model.forest_weight))
+    if config.model.kernel_weight > 0:
+        kernel = _fit_kernel(config, data, rows, scaling)
+        members.append(Member("kernel", kernel, config.model.kernel_weight))
+    return members
+
+
+def _test_predictions(
+    trainee: Trainee, members: list[Member], task: str, target_names: list[str]
+) -> tuple[np.ndarray, np.ndarray, dict[str, dict[str, float]]]:
+    """The served model's test predictions [M, T] (the network averaged with the members, as
+    the exported model averages them), the test targets [M, T], and, with members, each one's
+    test metrics alone ("network", "forest", "kernel") for comparison."""
+    _, values, targets = predict(trainee.model, trainee.test_loader, task, trainee.scaling)
+    if not members:
+        return values, targets, {}
+    member_values = [
+        member_predict(member.module, trainee.test_loader, task, trainee.scaling)
+        for member in members
+    ]
+    names = ["network"] + [member.name for member in members]
+    alone = {
+        name: evaluate(targets, each, task, target_names)
+        for name, each in zip(names, [values, *member_values])
+    }
+    averaged = with_members(values, member_values, [member.weight for member in members])
+    return averaged, targets, alone
 
 
 def _refit(
