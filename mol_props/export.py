@@ -23,7 +23,7 @@ from mol_props.config import Config, ModelConfig, PreprocessConfig
 from mol_props.errors import MolPropsError
 from mol_props.featurize import FEATURIZER_VERSION, Featurizer, MoleculeGraph, pad_graphs
 from mol_props.forest import TreeEnsemble
-from mol_props.infer import ModelMetadata
+from mol_props.infer import ModelMetadata, preprocess_from_dict
 from mol_props.kernel import TanimotoKernelRidge
 from mol_props.model import MoleculeGNN, PredictionModel
 
@@ -47,14 +47,14 @@ def load_prediction_model(checkpoint: Path) -> tuple[PredictionModel, dict]:
         )
     payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
     model_config = ModelConfig(**payload["model_config"])
+    preprocess = preprocess_from_dict(payload["preprocess"])  # older checkpoints: fewer settings
     network = MoleculeGNN(
         payload["atom_feature_size"],
         payload["descriptor_size"],
         len(payload["targets"]),
         model_config,
-        fingerprint_size=payload["preprocess"]["fingerprint"]["size"],
-        # Checkpoints from before the kernel member have no kernel fingerprint.
-        kernel_fingerprint_size=payload["preprocess"].get("kernel_fingerprint", {}).get("size", 0),
+        fingerprint_size=preprocess.fingerprint.size,
+        kernel_fingerprint_size=preprocess.kernel_fingerprint.size,
     )
     network.load_state_dict(payload["model"])
     forest = TreeEnsemble.from_state(payload["forest"]) if "forest" in payload else None

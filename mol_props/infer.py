@@ -85,12 +85,7 @@ class ModelMetadata:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     def preprocess_config(self) -> PreprocessConfig:
-        try:
-            return _dataclass_from_dict(PreprocessConfig, self.preprocess)
-        except (KeyError, TypeError) as error:
-            raise InferenceError(
-                f"the model's preprocess settings lack {error}: re-run `mol_props export`"
-            ) from error
+        return preprocess_from_dict(self.preprocess)
 
     def featurizer(self) -> Featurizer:
         """The exact featurizer the model was trained with; refuses a different version."""
@@ -694,6 +689,17 @@ def _config_cache_key(overrides: Sequence[str]) -> str | None:
 
 def _config_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mol_props"
+
+
+def preprocess_from_dict(settings: dict) -> PreprocessConfig:
+    """The featurizer settings a model was trained with (model.json, or a checkpoint), settings
+    newer than the model at their defaults."""
+    try:
+        return _dataclass_from_dict(PreprocessConfig, settings)
+    except (KeyError, TypeError) as error:
+        raise InferenceError(
+            f"the model's preprocess settings lack {error}: re-run `mol_props export`"
+        ) from error
 
 
 def _dataclass_from_dict(cls: type, data: dict):

@@ -802,7 +802,7 @@ def _fit(
         config,
         fabric,
         trainee.network,
-        {member.name: member.module for member in members},
+        members,
         data,
         trainee.scaling,
         val_metrics,
@@ -994,15 +994,15 @@ def _save_model(
     config: Config,
     fabric: Fabric,
     network: MoleculeGNN,
-    members: dict[str, TreeEnsemble | TanimotoKernelRidge | None],
+    members: list[Member],
     data: PreparedData,
     scaling: Scaling,
     val_metrics: dict[str, float],
     test_metrics: dict[str, float],
     trained_on: str,
 ) -> Path:
-    """models/best.ckpt: weights plus everything export needs, as plain types; `members` the
-    fitted forest and kernel, or None. `val_metrics` are the selected epoch's network's (a refit
+    """models/best.ckpt: weights plus everything export needs, as plain types; each fitted
+    member's state under its name. `val_metrics` are the selected epoch's network's (a refit
     network and the other members have seen val); `trained_on` says which splits the network saw
     (the other members always fit on train + val)."""
     featurizer = Featurizer(config.preprocess)
@@ -1023,9 +1023,8 @@ def _save_model(
         "trained_on": trained_on,
         "data_md5": data.data_md5,
     }
-    for name, member in members.items():
-        if member is not None:
-            payload[name] = member.state()
+    for member in members:
+        payload[member.name] = member.module.state()
     if fabric.is_global_zero:
         temporary = path.with_suffix(".tmp")
         torch.save(payload, temporary)

@@ -16,6 +16,7 @@ import torch
 from mol_props import export
 from mol_props.config import compose_config
 from mol_props.export import (
+    INPUT_NAMES,
     ExportError,
     check_parity,
     example_inputs,
@@ -100,6 +101,22 @@ def test_onnx_runtime_matches_pytorch_on_real_molecules(
     small = example_inputs(graphs, max(graph.num_atoms for graph in graphs), featurizer)
     assert check_parity(model, exported_model.onnx_path, fixed, TOLERANCE) <= TOLERANCE
     assert check_parity(model, exported_model.dynamic_onnx_path, small, TOLERANCE) <= TOLERANCE
+
+
+def test_a_checkpoint_from_before_the_kernel_member_loads_with_it_off(
+    exported_model: ExportedModel, metadata: ModelMetadata, tmp_path: Path
+):
+    payload = torch.load(exported_model.models_dir / "best.ckpt", weights_only=True)
+    del payload["preprocess"]["kernel_fingerprint"]  # what checkpoints of that time held
+    older = tmp_path / "older.ckpt"
+    torch.save(payload, older)
+    model, _ = load_prediction_model(exported_model.models_dir / "best.ckpt")
+    older_model, _ = load_prediction_model(older)
+    assert older_model.network.counts_end == model.network.counts_end
+    inputs = example_inputs(real_graphs(metadata, 8), metadata.max_atoms, metadata.featurizer())
+    tensors = [torch.from_numpy(inputs[name]) for name in INPUT_NAMES]
+    with torch.no_grad():
+        assert torch.equal(older_model(*tensors), model(*tensors))
 
 
 def test_parity_check_fails_loudly_when_onnx_and_pytorch_disagree(
