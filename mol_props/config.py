@@ -84,6 +84,9 @@ class PreprocessConfig:
     kernel_fingerprint: FingerprintConfig = field(
         default_factory=lambda: FingerprintConfig(size=0, radius=2)
     )
+    # ChemNet token ids of the canonical SMILES (model.chemnet_weight), between the fingerprint's
+    # counts and the kernel's: ChemNet reads 350. A default, not MISSING, as above. 0 = none.
+    smiles_tokens: int = 0
     num_workers: int = MISSING  # 0 = all cores
     chunk_size: int = MISSING
     cache_dir: str = MISSING
@@ -125,6 +128,11 @@ class ModelConfig:
     # averaged output (the network's is what the forest and the kernel leave). 0 = no kernel.
     kernel_weight: float = 0.0
     kernel_ridge: float = 0.03  # added to the kernel matrix's diagonal: the fit's smoothing
+    # The ChemNet member (mol_props.chemnet, classification): an RBF support vector machine on
+    # the 512 features a pretrained SMILES network (ChemNet) computes from
+    # preprocess.smiles_tokens; its share of the averaged output. 0 = no ChemNet member.
+    chemnet_weight: float = 0.0
+    chemnet_c: float = 1.0  # the SVM's C: smaller = smoother
     head_hidden_dim: int = MISSING
     head_layers: int = MISSING
 
@@ -335,6 +343,7 @@ AT_LEAST_ZERO = (
     ("preprocess", "num_workers"),
     ("preprocess", "fingerprint", "size"),
     ("preprocess", "kernel_fingerprint", "size"),
+    ("preprocess", "smiles_tokens"),
     ("model", "descriptor_hidden_dim"),
     ("model", "fingerprint_hidden_dim"),
     ("model", "forest_trees"),
@@ -350,6 +359,7 @@ DROPOUT_RATES = (("model", "dropout"), ("model", "fingerprint_dropout"))
 # Scales, tolerances and timeouts: 0 or less has no meaning (a scale of 0 divides by zero).
 POSITIVE = (
     ("model", "sum_pooling_scale"),
+    ("model", "chemnet_c"),
     ("model", "kernel_ridge"),
     ("train", "learning_rate"),
     ("logging", "connect_timeout_s"),
@@ -390,6 +400,16 @@ def check_ranges(config: Config) -> None:
     if not 0.0 <= (value := config.model.forest_weight) <= 1.0:
         raise ConfigError(f"model.forest_weight={value}: a share, in [0, 1]")
     check_member_shares(config.model, config.preprocess)
+    if config.model.chemnet_weight > 0 and config.data.task != "classification":
+        raise ConfigError(
+            f"model.chemnet_weight={config.model.chemnet_weight}: the ChemNet member is a "
+            f"classifier; data.task={config.data.task!r} needs model.chemnet_weight=0"
+        )
+    if config.preprocess.smiles_tokens == 1:
+        raise ConfigError(
+            "preprocess.smiles_tokens=1: room for the end mark alone; 0 (none) or at least 2 "
+            "(ChemNet reads 350)"
+        )
     if not 0.0 <= (value := config.model.forest_max_features) <= 1.0:
         raise ConfigError(
             f"model.forest_max_features={value}: a share of the features, in (0, 1], or 0 for "
@@ -398,7 +418,8 @@ def check_ranges(config: Config) -> None:
 
 
 def check_member_shares(model: ModelConfig, preprocess: PreprocessConfig) -> None:
-    """The forest's and the kernel's shares of the averaged output leave the network the rest."""
+    """The forest's, the kernel's and ChemNet's shares of the averaged output leave the network
+    the rest."""
     if not 0.0 <= (value := model.kernel_weight) <= 1.0:
         raise ConfigError(f"model.kernel_weight={value}: a share, in [0, 1]")
     if model.kernel_weight > 0 and preprocess.kernel_fingerprint.size == 0:
@@ -407,11 +428,20 @@ def check_member_shares(model: ModelConfig, preprocess: PreprocessConfig) -> Non
             "preprocess.kernel_fingerprint, whose size is 0; set e.g. "
             "preprocess.kernel_fingerprint.size=1024"
         )
+    if not 0.0 <= (value := model.chemnet_weight) <= 1.0:
+        raise ConfigError(f"model.chemnet_weight={value}: a share, in [0, 1]")
+    if model.chemnet_weight > 0 and preprocess.smiles_tokens == 0:
+        raise ConfigError(
+            f"model.chemnet_weight={model.chemnet_weight}: the ChemNet member reads "
+            "preprocess.smiles_tokens, which is 0; set preprocess.smiles_tokens=350 (or use "
+            "model=dense_gnn_chemnet, which sets both)"
+        )
     forest_share = model.forest_weight if model.forest_trees > 0 else 0.0
-    if forest_share + model.kernel_weight > 1.0 + 1e-9:
+    if forest_share + model.kernel_weight + model.chemnet_weight > 1.0 + 1e-9:
         raise ConfigError(
             f"model.forest_weight={model.forest_weight} + model.kernel_weight="
-            f"{model.kernel_weight} > 1: they are shares of one averaged output"
+            f"{model.kernel_weight} + model.chemnet_weight={model.chemnet_weight} > 1: they "
+            "are shares of one averaged output"
         )
 
 

@@ -318,6 +318,8 @@ def cache_key(data_md5: str, config: PreprocessConfig, smiles_digest: str = "") 
     if settings["kernel_fingerprint"]["size"] == 0:
         # Off, it adds no feature: caches from before the setting existed stay valid.
         settings.pop("kernel_fingerprint")
+    if settings["smiles_tokens"] == 0:
+        settings.pop("smiles_tokens")  # likewise
     payload = json.dumps([data_md5, smiles_digest, FEATURIZER_VERSION, settings], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mol_props.chemnet import ChemNetSVM
 from mol_props.config import Config, ModelConfig, PreprocessConfig
 from mol_props.errors import MolPropsError
 from mol_props.featurize import FEATURIZER_VERSION, Featurizer, MoleculeGraph, pad_graphs
@@ -55,10 +56,12 @@ def load_prediction_model(checkpoint: Path) -> tuple[PredictionModel, dict]:
         model_config,
         fingerprint_size=preprocess.fingerprint.size,
         kernel_fingerprint_size=preprocess.kernel_fingerprint.size,
+        smiles_token_count=preprocess.smiles_tokens,
     )
     network.load_state_dict(payload["model"])
     forest = TreeEnsemble.from_state(payload["forest"]) if "forest" in payload else None
     kernel = TanimotoKernelRidge.from_state(payload["kernel"]) if "kernel" in payload else None
+    chemnet = ChemNetSVM.from_state(payload["chemnet"]) if "chemnet" in payload else None
     model = PredictionModel(
         network,
         payload["task"],
@@ -68,6 +71,8 @@ def load_prediction_model(checkpoint: Path) -> tuple[PredictionModel, dict]:
         forest_weight=model_config.forest_weight,
         kernel=kernel,
         kernel_weight=model_config.kernel_weight,
+        chemnet=chemnet,
+        chemnet_weight=model_config.chemnet_weight,
     )
     return model.eval(), payload
 

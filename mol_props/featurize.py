@@ -9,7 +9,8 @@ them into the fixed-shape tensors the model takes:
     atom_features [B, N, F] float32   one-hot groups (each with an "unknown" slot) + scalars
     adjacency     [B, N, N] float32   bond order on both (i, j) and (j, i); aromatic = 1.5
     atom_mask     [B, N]    float32   1 for a real atom, 0 for padding
-    descriptors   [B, D]    float32   fast RDKit molecule descriptors (and optional Morgan counts)
+    descriptors   [B, D]    float32   fast RDKit molecule descriptors (and optional Morgan counts,
+                                      SMILES token ids)
 
 Bonds reach the model as a bond-order-weighted adjacency rather than one adjacency channel per bond
 type: it keeps the model's input one [N, N] matrix (one MatMul per layer in ONNX/TensorRT) while
@@ -59,6 +60,37 @@ DESCRIPTOR_FUNCTIONS: dict[str, Callable[[Chem.Mol], float]] = {
     # SMARTS based: ~0.2 ms per molecule.
     "NumRotatableBonds": rdMolDescriptors.CalcNumRotatableBonds,
 }
+
+# ChemNet's SMILES vocabulary (mol_props.chemnet reads the token ids), in its order: a token's
+# id is its position. Two-letter tokens are those whose second letter is r, i or l (Br, Cl, Si);
+# anything else outside the list is "X"; "." ends the SMILES. Copied from the fcd_torch package,
+# whose pretrained ChemNet was trained on exactly this tokenization.
+CHEMNET_VOCABULARY = (
+    "C N O H F Cl P B Br S I Si # ( ) + - 1 2 3 4 5 6 7 8 = [ ] @ c n o s X .".split()
+)
+_CHEMNET_IDS = {token: i for i, token in enumerate(CHEMNET_VOCABULARY)}
+_CHEMNET_SECOND_LETTERS = frozenset("ril")
+# The id of a step after the end: no token (ChemNet's one-hot row of zeros).
+CHEMNET_PADDING_ID = len(CHEMNET_VOCABULARY)
+
+
+def chemnet_token_ids(smiles: str, length: int) -> np.ndarray:
+    """[length] float32 token ids of `smiles` as ChemNet reads it: the tokens, then ".", then
+    padding; a SMILES of `length` tokens or more is cut after length - 1 and ends with "."."""
+    ids = np.full(length, CHEMNET_PADDING_ID, dtype=np.float32)
+    text = smiles + "."  # also stops the look-ahead below at the last character
+    source = 0
+    position = 0
+    while True:
+        width = 2 if text[source + 1] in _CHEMNET_SECOND_LETTERS else 1
+        ids[position] = _CHEMNET_IDS.get(text[source : source + width], _CHEMNET_IDS["X"])
+        source += width
+        position += 1
+        # Like ChemNet's own reader, a "." inside the SMILES (keep_all fragments) ends it too.
+        if text[source] == "." or position == length - 1:
+            ids[position] = _CHEMNET_IDS["."]
+            return ids
+
 
 HYBRIDIZATIONS = {
     str(value): int(value) for value in Chem.rdchem.HybridizationType.values.values()
@@ -214,10 +246,14 @@ class Featurizer:
             for setting in (config.fingerprint, config.kernel_fingerprint)
             if setting.size > 0
         ]
-        # The kernel member's counts come last, so every other reader takes a prefix: the forest
-        # reads all descriptor columns before them.
+        # Column order: named descriptors, the fingerprint's counts, ChemNet token ids, the kernel
+        # member's counts. The kernel's come last, so the forest reads a prefix: every column
+        # before the token ids.
         self.forest_descriptor_count = len(self._descriptor_functions) + config.fingerprint.size
-        self.descriptor_size = self.forest_descriptor_count + config.kernel_fingerprint.size
+        self.smiles_token_count = config.smiles_tokens
+        self.descriptor_size = (
+            self.forest_descriptor_count + config.smiles_tokens + config.kernel_fingerprint.size
+        )
         self._periodic_table = Chem.GetPeriodicTable()
         self._rows: dict[tuple, np.ndarray] = {}
         # Rows of atom kinds met so far, by invariant key (see `_atom_features_by_invariants`):
@@ -445,18 +481,24 @@ class Featurizer:
         return row
 
     def molecule_descriptors(self, molecule: Chem.Mol) -> np.ndarray:
-        """[D] float32: the configured descriptors, then the Morgan counts of the fingerprint
-        and of the kernel fingerprint, where enabled."""
+        """[D] float32: the configured descriptors, then the Morgan counts of the fingerprint,
+        ChemNet's token ids of the canonical SMILES and the kernel fingerprint's counts, where
+        enabled."""
         values = np.array(
             [function(molecule) for function in self._descriptor_functions], dtype=np.float32
         )
-        if not self._fingerprints:
+        if not self._fingerprints and not self.smiles_token_count:
             return values
         counts = [
             generator.GetCountFingerprintAsNumPy(molecule).astype(np.float32)
             for generator in self._fingerprints
         ]
-        return np.concatenate([values, *counts])
+        parts = [values, *counts]
+        if self.smiles_token_count:
+            tokens = chemnet_token_ids(Chem.MolToSmiles(molecule), self.smiles_token_count)
+            # Before the kernel's counts, after the fingerprint's (if any).
+            parts.insert(2 if self.config.fingerprint.size else 1, tokens)
+        return np.concatenate(parts)
 
     def featurize_many(
         self, smiles: Iterable[str], with_keys: bool = False

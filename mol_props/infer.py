@@ -33,7 +33,14 @@ from typing import Protocol
 
 import numpy as np
 
-from mol_props.config import Config, InferConfig, PreprocessConfig, compose_config, config_dir
+from mol_props.config import (
+    MISSING,
+    Config,
+    InferConfig,
+    PreprocessConfig,
+    compose_config,
+    config_dir,
+)
 from mol_props.errors import MolPropsError, undecodable_text_message, unknown_encoding_message
 from mol_props.featurize import (
     FEATURIZER_VERSION,
@@ -706,7 +713,11 @@ def _dataclass_from_dict(cls: type, data: dict):
     hints = typing.get_type_hints(cls)
     values = {}
     for item in dataclasses.fields(cls):
-        if item.name not in data and item.default_factory is not dataclasses.MISSING:
+        has_default = item.default_factory is not dataclasses.MISSING or item.default not in (
+            dataclasses.MISSING,
+            MISSING,
+        )
+        if item.name not in data and has_default:
             continue  # a setting newer than the model: its default (the setting off)
         value = data[item.name]
         if dataclasses.is_dataclass(hints[item.name]):

@@ -25,7 +25,8 @@ The forest member (`model.forest_trees`, mol_props/forest.py) and the kernel mem
 the network and join it in PredictionModel, the exported model, which averages the members'
 probabilities (or standardized values), weighted. The kernel member reads the kernel
 fingerprint's counts (`preprocess.kernel_fingerprint`), the very last descriptor columns, which
-neither the network nor the forest reads.
+neither the network nor the forest reads. The ChemNet member (`model.chemnet_weight`,
+mol_props/chemnet.py) reads the SMILES token ids just before them, which no other member reads.
 
 Every op is a MatMul, an elementwise op or a ReduceSum (the forest adds Gather, LessOrEqual and
 Where), so the graph exports to plain ONNX and TensorRT. Padded atoms contribute nothing: every
@@ -39,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.nn.dense import DenseGINConv, DenseGraphConv
 
+from mol_props.chemnet import ChemNetSVM
 from mol_props.config import ModelConfig
 from mol_props.errors import ConfigError
 from mol_props.forest import TreeEnsemble, atom_counts
@@ -99,8 +101,9 @@ class FingerprintMLP(nn.Module):
 class MoleculeGNN(nn.Module):
     """Dense GNN + descriptor MLP (+ fingerprint member); raw outputs [B, T] (logits or
     standardized values). Of the D descriptor columns, the last `kernel_fingerprint_size` are the
-    kernel member's Morgan counts, which the network ignores, and the `fingerprint_size` before
-    them the fingerprint's."""
+    kernel member's Morgan counts and the `smiles_token_count` before them the ChemNet member's
+    token ids, which the network ignores; the `fingerprint_size` before those are the
+    fingerprint's."""
 
     def __init__(
         self,
@@ -110,6 +113,7 @@ class MoleculeGNN(nn.Module):
         config: ModelConfig,
         fingerprint_size: int,
         kernel_fingerprint_size: int = 0,
+        smiles_token_count: int = 0,
     ) -> None:
         super().__init__()
         hidden = config.hidden_dim
@@ -122,7 +126,7 @@ class MoleculeGNN(nn.Module):
         self.use_fingerprint = config.fingerprint_hidden_dim > 0 and fingerprint_size > 0
         # The counts go to the fingerprint member (if any) and the forest, never to the GNN: in its
         # descriptor MLP they made it overfit within a few epochs.
-        self.counts_end = descriptor_size - kernel_fingerprint_size
+        self.counts_end = descriptor_size - kernel_fingerprint_size - smiles_token_count
         self.plain_size = self.counts_end - fingerprint_size
         self.use_atom_counts = config.atom_counts and config.descriptor_hidden_dim > 0
         # Atom counts skip the mass column (the last), the only one that is not 0/1.
@@ -241,8 +245,8 @@ def average_members(
 
 
 class PredictionModel(nn.Module):
-    """What gets exported: the GNN (and the forest and kernel members, if any) plus the step to
-    what a user wants, so nothing is post-processed outside the model: a probability
+    """What gets exported: the GNN (and the forest, kernel and ChemNet members, if any) plus the
+    step to what a user wants, so nothing is post-processed outside the model: a probability
     (classification) or the value in original units (regression)."""
 
     def __init__(
@@ -255,6 +259,8 @@ class PredictionModel(nn.Module):
         forest_weight: float = 0.0,
         kernel: TanimotoKernelRidge | None = None,
         kernel_weight: float = 0.0,
+        chemnet: ChemNetSVM | None = None,
+        chemnet_weight: float = 0.0,
     ):
         super().__init__()
         self.network = network
@@ -265,6 +271,8 @@ class PredictionModel(nn.Module):
         self.forest_weight = forest_weight
         self.kernel = kernel
         self.kernel_weight = kernel_weight
+        self.chemnet = chemnet
+        self.chemnet_weight = chemnet_weight
 
     def forward(
         self, atom_features: Tensor, adjacency: Tensor, atom_mask: Tensor, descriptors: Tensor
@@ -279,6 +287,9 @@ class PredictionModel(nn.Module):
         if self.kernel is not None:
             others.append(self.kernel.molecule_forward(atom_features, atom_mask, descriptors))
             weights.append(self.kernel_weight)
+        if self.chemnet is not None:
+            others.append(self.chemnet.molecule_forward(atom_features, atom_mask, descriptors))
+            weights.append(self.chemnet_weight)
         if others:
             values = average_members(values, others, weights)  # [B, T]
         if self.task == "classification":

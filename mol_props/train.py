@@ -4,8 +4,8 @@
       data (DVC pull, else download_data) -> featurize (cached) -> split
       -> epochs: train_epoch, validate, early stopping, best + last checkpoints (fabric.save)
       -> train.refit: a fresh model on train + val for the best epoch count (refit_last.ckpt)
-      -> model.forest_trees, model.kernel_weight: the forest and kernel members, fitted on
-         train + val (mol_props.forest, mol_props.kernel)
+      -> model.forest_trees, model.kernel_weight, model.chemnet_weight: the forest, kernel and
+         ChemNet members, fitted on train + val (mol_props.forest, .kernel, .chemnet)
       -> final model on test -> models/best.ckpt, plots/<run>/, MLflow -> export (ONNX)
 
 Reproducibility: every epoch re-seeds torch and the shuffling generator with (seed + epoch), so a
@@ -30,6 +30,7 @@ from lightning.fabric import Fabric
 from torch.utils.data import DataLoader, Dataset
 
 from mol_props import plots
+from mol_props.chemnet import ChemNetSVM, fit_chemnet_svm
 from mol_props.config import Config, TrainConfig, to_flat_dict
 from mol_props.data import PreparedData, prepare_data
 from mol_props.errors import ConfigError, MolPropsError
@@ -287,10 +288,13 @@ def predict(
 
 @torch.no_grad()
 def member_predict(
-    member: TreeEnsemble | TanimotoKernelRidge, loader: DataLoader, task: str, scaling: Scaling
+    member: TreeEnsemble | TanimotoKernelRidge | ChemNetSVM,
+    loader: DataLoader,
+    task: str,
+    scaling: Scaling,
 ) -> np.ndarray:
-    """A fitted member's (forest, kernel) predictions in user units [M, T] over a loader, in
-    order (on the CPU, where it was fitted)."""
+    """A fitted member's (forest, kernel, ChemNet) predictions in user units [M, T] over a
+    loader, in order (on the CPU, where it was fitted)."""
     values = torch.cat(
         [
             member.molecule_forward(
@@ -524,6 +528,7 @@ def _set_up(
         config.model,
         fingerprint_size=config.preprocess.fingerprint.size,
         kernel_fingerprint_size=config.preprocess.kernel_fingerprint.size,
+        smiles_token_count=config.preprocess.smiles_tokens,
     )
     descriptors = np.stack([data.graphs[i].descriptors for i in train_rows])  # [M_train, D]
     network.set_descriptor_scaling(
@@ -863,15 +868,16 @@ def _start_tracking(
 class Member:
     """A fitted member averaged with the network in the served model (Train step 6)."""
 
-    name: str  # "forest" or "kernel": its key in the checkpoint and in the summary line
-    module: TreeEnsemble | TanimotoKernelRidge
+    name: str  # "forest", "kernel" or "chemnet": its key in the checkpoint and the summary line
+    module: TreeEnsemble | TanimotoKernelRidge | ChemNetSVM
     weight: float  # its share of the average
 
 
 def _fit_members(config: Config, data: PreparedData, scaling: Scaling) -> list[Member]:
     """The members the config asks for, fitted on train + val. The forest stops at no epoch, so
     it has no use for val but to learn from it: it fits on train + val with or without the
-    refit, and the run's val metrics are the network's. The kernel member likewise."""
+    refit, and the run's val metrics are the network's. The kernel and ChemNet members
+    likewise."""
     rows = np.concatenate([data.splits["train"], data.splits["val"]])
     members = []
     if config.model.forest_trees:
@@ -880,6 +886,9 @@ def _fit_members(config: Config, data: PreparedData, scaling: Scaling) -> list[M
     if config.model.kernel_weight > 0:
         kernel = _fit_kernel(config, data, rows, scaling)
         members.append(Member("kernel", kernel, config.model.kernel_weight))
+    if config.model.chemnet_weight > 0:
+        chemnet = _fit_chemnet(config, data, rows)
+        members.append(Member("chemnet", chemnet, config.model.chemnet_weight))
     return members
 
 
@@ -956,6 +965,16 @@ def _fit_kernel(
     counts = np.stack([data.graphs[i].descriptors[-size:] for i in rows])  # [M, K]
     targets = _member_targets(config, data, rows, scaling)
     return fit_kernel(counts, targets, config.data.task, config.model.kernel_ridge)
+
+
+def _fit_chemnet(config: Config, data: PreparedData, rows: np.ndarray) -> ChemNetSVM:
+    """The ChemNet member on `rows`, from the SMILES token ids (the descriptor columns after
+    the forest's)."""
+    start = Featurizer(config.preprocess).forest_descriptor_count
+    end = start + config.preprocess.smiles_tokens
+    token_ids = np.stack([data.graphs[i].descriptors[start:end] for i in rows])  # [M, L]
+    targets = data.targets[rows]  # classification only (checked with the config)
+    return fit_chemnet_svm(token_ids, targets, start, config.model.chemnet_c)
 
 
 def _member_targets(

@@ -39,7 +39,8 @@ def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
 
 def new_network(featurizer, model_config, num_targets: int = 1):
     """A fresh MoleculeGNN sized for `featurizer`'s output, as `mol_props train` builds it (the
-    fingerprint's Morgan counts come before the kernel fingerprint's, the last columns)."""
+    fingerprint's Morgan counts, then the ChemNet token ids, then the kernel fingerprint's counts,
+    the last columns)."""
     from mol_props.model import MoleculeGNN  # torch: only the tests that build a network
 
     return MoleculeGNN(
@@ -49,6 +50,7 @@ def new_network(featurizer, model_config, num_targets: int = 1):
         model_config,
         featurizer.config.fingerprint.size,
         featurizer.config.kernel_fingerprint.size,
+        featurizer.config.smiles_tokens,
     )
 
 

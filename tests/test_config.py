@@ -197,7 +197,7 @@ def test_a_mapping_setting_takes_the_form_people_type(prefix: str):
         (
             ["preprocess.kernel_fingerprint.size=64", "model.kernel_weight=0.4"],
             ConfigError,
-            r"model.forest_weight=0.7 \+ model.kernel_weight=0.4 > 1",
+            r"model.forest_weight=0.7 \+ model.kernel_weight=0.4 \+ model.chemnet_weight=0.0 > 1",
         ),
         (["model.kernel_ridge=0"], ConfigError, "kernel_ridge=0.0: must be positive"),
         (

@@ -3,6 +3,7 @@ metrics reach a real MLflow server, and a missing server neither hangs nor fails
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -713,6 +714,61 @@ def test_the_small_data_preset_serves_forest_and_kernel_and_the_exported_model_s
     predicted = predictor.predict([data.smiles[i] for i in test]).values
     served = evaluate(data.targets[test], predicted, "regression", ["y"])
     assert served["rmse"] == pytest.approx(result.test_metrics["rmse"], abs=1e-5)
+
+
+def test_the_chemnet_preset_serves_its_member_and_infer_still_imports_no_torch(
+    tmp_path, molecules_csv
+):
+    from mol_props.chemnet import ChemNetSVM
+    from mol_props.infer import LocalPredictor
+    from mol_props.metrics import roc_auc
+
+    shutil.copytree(REPO_ROOT / "triton_repo", tmp_path / "triton_repo")  # export fills a copy
+    extra = ["model=dense_gnn_chemnet", "model.forest_trees=10", "train.max_epochs=2"]
+    config = _config(tmp_path, molecules_csv, *extra)
+    result = train.run(config)
+    assert set(result.member_test_metrics) == {"network", "forest", "chemnet"}
+    payload = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
+    member = ChemNetSVM.from_state(payload["chemnet"])
+    assert member.token_count == 350 and member.support.shape[1] == 512
+
+    # The exported model carries the member: ONNX Runtime matches PyTorch, and its predictions
+    # on the test molecules score the test metric the run reported.
+    exported = export.run(config)
+    assert exported.max_difference <= 1e-4
+    metadata = ModelMetadata.load(exported.metadata_path)
+    assert metadata.preprocess["smiles_tokens"] == 350
+    data = prepare_data(config.data, config.preprocess, progress=False)
+    test = data.splits["test"]
+    predictor = LocalPredictor(exported.dynamic_onnx_path, metadata, config.infer)
+    predicted = predictor.predict([data.smiles[i] for i in test]).values[:, 0]
+    assert roc_auc(data.targets[test, 0], predicted) == pytest.approx(
+        result.test_metrics["roc_auc"], abs=1e-6
+    )
+
+    # `mol_props infer` with it, in a fresh process: a probability, and still no torch.
+    probe = (
+        "import sys\n"
+        "from mol_props import commands\n"
+        "sys.argv = ['mol_props', 'infer', '--smiles', 'CN1CCC[C@H]1c1cccnc1', *sys.argv[1:]]\n"
+        "try:\n"
+        "    commands.main()\n"
+        "except SystemExit as exit_:\n"
+        "    print('EXIT', exit_.code, file=sys.stderr)\n"
+        "print('TORCH', 'torch' in sys.modules, file=sys.stderr)\n"
+    )
+    overrides = workspace_overrides(tmp_path, molecules_csv) + TINY_MODEL + extra
+    process = subprocess.run(
+        [sys.executable, "-c", probe, *overrides],
+        cwd=REPO_ROOT,
+        env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg-cache")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "TORCH False" in process.stderr, process.stderr
+    assert "EXIT" not in process.stderr or "EXIT 0" in process.stderr, process.stderr
+    assert 0.0 <= json.loads(process.stdout)[metadata.targets[0]] <= 1.0
 
 
 def test_two_classification_targets_with_missing_labels_train_and_export(tmp_path):

@@ -1,0 +1,263 @@
+"""The ChemNet member: an RBF support vector machine on a pretrained SMILES network's features.
+
+Why: the GNN and the forest learn only from B3DB's ~7,000 molecules, and both do worst on
+molecules whose scaffold is unlike any in training, which the scaffold-split test is full of.
+ChemNet (Preuer et al., 2018: the network behind the Frechet ChemNet Distance) learned to predict
+~6,000 bioassays from SMILES; the last state of its LSTM, 512 numbers, describes a molecule in
+terms that carry over to new scaffolds. In 5-fold scaffold cross-validation on the benchmark's
+train + val molecules (seeds 0 / 1), an SVM on those features alone scored ROC-AUC 0.843 / 0.837
+on the 355 molecules with a scaffold of their own, against 0.828 / 0.802 for the GNN and 0.827 /
+0.830 for the forest, and half of the average beside them lifted the served model's 0.835 /
+0.829 to 0.849 / 0.844 (configs/model/dense_gnn_chemnet.yaml).
+
+    token ids [B, L] --one-hot / 35--> [B, 35, L]
+        -> 2 x (same-padded Conv1d, kernel 4, stride 2; SELU)      [B, 32, L/4]
+        -> LSTM 32 -> 128 over the reversed steps, reversed back   [B, L/4, 128]
+        -> LSTM 128 -> 512 over the reversed steps, last output    [B, 512]
+        -> standardized -> RBF kernel to the support vectors        [B, S]
+        -> @ coefficients + intercepts -> sigmoid                   [B, T]
+
+ChemNet's weights ship in the fcd_torch package (MIT licence); training reads them once and the
+checkpoint keeps them. The reversals are ChemNet's own (Keras LSTMs that read backwards); the
+one-hot scaling by 1/35 is how it was trained. Everything is Conv1d, LSTM, MatMul and elementwise
+ops, so the member runs inside the exported ONNX graph. This module imports torch (training and
+export); serving runs the exported graph.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mol_props.errors import ConfigError
+from mol_props.featurize import CHEMNET_VOCABULARY
+
+LOGGER = logging.getLogger(__name__)
+
+CHEMNET_FILE = "ChemNet_v0.13_pretrained.pt"
+FEATURE_SIZE = 512  # ChemNet's last LSTM
+_KERNEL, _STRIDE = 4, 2  # both convolutions
+# ChemNet's layers as fcd_torch stores them: (type, weight shapes).
+_LAYERS = (
+    ("Conv1d", {"weight": (32, 35, 4)}),
+    ("Conv1d", {"weight": (32, 32, 4)}),
+    ("LSTM", {"weight_ih_l0": (512, 32), "weight_hh_l0": (512, 128)}),
+    ("LSTM", {"weight_ih_l0": (2048, 128), "weight_hh_l0": (2048, 512)}),
+)
+_ENCODER_PARTS = ("first_convolution", "second_convolution", "first_lstm", "second_lstm")
+
+
+def chemnet_weights_path() -> Path:
+    """ChemNet's weights in the installed fcd_torch package (found without importing it)."""
+    spec = importlib.util.find_spec("fcd_torch")
+    path = Path(spec.origin).parent / CHEMNET_FILE if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise ConfigError(
+            f"model.chemnet_weight: ChemNet's weights ({CHEMNET_FILE}) come with the fcd_torch "
+            "package, which is not installed here; run `uv sync`"
+        )
+    return path
+
+
+def same_padding(length: int) -> tuple[int, int]:
+    """Keras "same" padding (left, right) of a kernel-4, stride-2 convolution over `length`
+    steps: the output has ceil(length / 2) steps."""
+    remainder = length % _STRIDE
+    total = max(_KERNEL - (_STRIDE if remainder == 0 else remainder), 0)
+    return total // 2, total - total // 2
+
+
+def _pad_steps(steps: Tensor, padding: tuple[int, int]) -> Tensor:
+    """Zero steps before and after [B, C, L] -> [B, C, left + L + right]. Concatenated rather
+    than nn.functional.pad, whose ONNX export reverses the pads with a step -1 Slice that the
+    exporter cannot constant-fold (and warns about)."""
+    left, right = padding
+    parts = [steps]
+    if left:
+        parts.insert(0, torch.zeros_like(steps[:, :, :left]))
+    if right:
+        parts.append(torch.zeros_like(steps[:, :, :right]))
+    return torch.cat(parts, dim=2)
+
+
+class ChemNetEncoder(nn.Module):
+    """ChemNet up to its 512 features: forward(token ids [B, L]) -> [B, 512]."""
+
+    def __init__(self, length: int) -> None:
+        super().__init__()
+        vocabulary = len(CHEMNET_VOCABULARY)
+        self.first_convolution = nn.Conv1d(vocabulary, 32, _KERNEL, stride=_STRIDE, bias=False)
+        self.second_convolution = nn.Conv1d(32, 32, _KERNEL, stride=_STRIDE, bias=False)
+        self.first_lstm = nn.LSTM(32, 128, batch_first=True)
+        self.second_lstm = nn.LSTM(128, FEATURE_SIZE, batch_first=True)
+        # Paddings from the fixed token count: constants in the exported graph.
+        self.first_padding = same_padding(length)
+        self.second_padding = same_padding((length + 1) // 2)
+        self.register_buffer(
+            "token_ids", torch.arange(vocabulary, dtype=torch.float32), persistent=False
+        )
+        # The LSTMs' steps in reverse, as indices: a Gather in ONNX (torch.flip would export as
+        # a Slice with step -1, which the exporter cannot constant-fold, and says so).
+        steps = (length + 3) // 4  # two stride-2 convolutions with "same" padding
+        self.register_buffer("reversed_steps", torch.arange(steps - 1, -1, -1), persistent=False)
+
+    @classmethod
+    def pretrained(cls, length: int) -> ChemNetEncoder:
+        """The encoder with ChemNet's trained weights (from fcd_torch's file)."""
+        layers = torch.load(chemnet_weights_path(), map_location="cpu", weights_only=True)
+        found = [
+            (kind, {name: tuple(value.shape) for name, value in state.items()})
+            for kind, (state, _, _) in layers
+        ]
+        for (kind, shapes), (expected_kind, expected) in zip(found, _LAYERS, strict=True):
+            if kind != expected_kind or any(shapes.get(k) != v for k, v in expected.items()):
+                raise ConfigError(f"{CHEMNET_FILE}: unexpected layers {found}")
+        encoder = cls(length)
+        for part, (_, (state, _, _)) in zip(_ENCODER_PARTS, layers):
+            getattr(encoder, part).load_state_dict(state)
+        return encoder.eval()
+
+    def forward(self, token_ids: Tensor) -> Tensor:
+        one_hot = (token_ids.unsqueeze(-1) == self.token_ids).to(torch.float32)  # [B, L, 35]
+        steps = one_hot.transpose(1, 2) / len(CHEMNET_VOCABULARY)  # [B, 35, L]
+        steps = _pad_steps(steps, self.first_padding)  # [B, 35, L + 2]
+        steps = nn.functional.selu(self.first_convolution(steps))  # [B, 32, L/2]
+        steps = _pad_steps(steps, self.second_padding)
+        steps = nn.functional.selu(self.second_convolution(steps))  # [B, 32, S = L/4]
+        steps = steps.transpose(1, 2)  # [B, S, 32]
+        steps, _ = self.first_lstm(steps[:, self.reversed_steps])  # [B, S, 128], reversed
+        steps, _ = self.second_lstm(steps[:, self.reversed_steps])  # [B, S, 512]
+        return steps[:, -1]  # [B, 512]
+
+
+class ChemNetSVM(nn.Module):
+    """A fitted ChemNet member; forward(token ids [B, L]) -> probabilities [B, T]: the sigmoid of
+    each target's SVM margin (the margin ranks; the sigmoid puts it on the other members' scale
+    for the average, as the cross-validation that chose the share did)."""
+
+    def __init__(
+        self,
+        encoder: dict[str, Tensor],
+        token_start: int,
+        token_count: int,
+        feature_mean: Tensor,
+        feature_scale: Tensor,
+        support: Tensor,
+        coefficients: Tensor,
+        intercepts: Tensor,
+        gamma: float,
+    ) -> None:
+        super().__init__()
+        self.encoder = ChemNetEncoder(token_count)
+        self.encoder.load_state_dict(encoder)
+        self.token_start = token_start  # the token ids' first column among the descriptors
+        self.token_count = token_count
+        self.register_buffer("feature_mean", feature_mean)  # [512]
+        self.register_buffer("feature_scale", feature_scale)  # [512]
+        self.register_buffer("support", support)  # [S, 512] standardized support vectors
+        self.register_buffer("coefficients", coefficients)  # [S, T] dual coefficients
+        self.register_buffer("intercepts", intercepts)  # [T]
+        self.register_buffer("support_squares", (support * support).sum(dim=1), persistent=False)
+        self.gamma = gamma
+
+    def forward(self, token_ids: Tensor) -> Tensor:
+        features = (self.encoder(token_ids) - self.feature_mean) / self.feature_scale  # [B, 512]
+        squares = (features * features).sum(dim=1, keepdim=True)  # [B, 1]
+        distances = squares + self.support_squares - 2.0 * features @ self.support.T  # [B, S]
+        kernel = torch.exp(-self.gamma * distances.clamp(min=0.0))  # [B, S]
+        return torch.sigmoid(kernel @ self.coefficients + self.intercepts)  # [B, T]
+
+    def molecule_forward(
+        self, atom_features: Tensor, atom_mask: Tensor, descriptors: Tensor
+    ) -> Tensor:
+        """forward() on the model's own inputs -> [B, T]: it reads only the token-id columns of
+        the descriptors [B, D]."""
+        return self(descriptors[:, self.token_start : self.token_start + self.token_count])
+
+    def state(self) -> dict[str, object]:
+        """Plain types and tensors for a checkpoint (torch.load(weights_only=True) reads them)."""
+        return {
+            "encoder": self.encoder.state_dict(),
+            "token_start": self.token_start,
+            "token_count": self.token_count,
+            "feature_mean": self.feature_mean,
+            "feature_scale": self.feature_scale,
+            "support": self.support,
+            "coefficients": self.coefficients,
+            "intercepts": self.intercepts,
+            "gamma": self.gamma,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, object]) -> ChemNetSVM:
+        return cls(**state)
+
+
+@torch.no_grad()
+def chemnet_features(encoder: ChemNetEncoder, token_ids: np.ndarray) -> np.ndarray:
+    """[M, 512] float64 ChemNet features of token ids [M, L], a few hundred molecules at a time."""
+    batches = [
+        encoder(torch.from_numpy(token_ids[start : start + 256]))
+        for start in range(0, len(token_ids), 256)
+    ]
+    return torch.cat(batches).double().numpy()
+
+
+def fit_chemnet_svm(
+    token_ids: np.ndarray, targets: np.ndarray, token_start: int, svm_c: float
+) -> ChemNetSVM:
+    """An RBF SVM per target (classes weighted inversely to their frequency) on the standardized
+    ChemNet features of the rows labelled for it. `token_ids` [M, L] float32; `targets` [M, T]
+    0/1 labels, NaN = missing. One kernel width for all targets: scikit-learn's "scale" over all
+    rows, 1 / (512 x the features' variance). The support is the union of every target's support
+    vectors; a molecule keeps coefficient 0 for a target whose support it is not in."""
+    from sklearn.svm import SVC
+
+    started = time.perf_counter()
+    encoder = ChemNetEncoder.pretrained(token_ids.shape[1])
+    features = chemnet_features(encoder, token_ids.astype(np.float32))  # [M, 512]
+    mean = features.mean(axis=0)
+    scale = features.std(axis=0)
+    scale[scale == 0] = 1.0  # a feature constant over training: (x - mean) stays 0 for it
+    standardized = (features - mean) / scale
+    gamma = 1.0 / (FEATURE_SIZE * standardized.var())
+    coefficients = np.zeros(targets.shape, dtype=np.float64)  # [M, T]
+    intercepts = np.zeros(targets.shape[1], dtype=np.float64)
+    for k in range(targets.shape[1]):
+        labelled = np.flatnonzero(~np.isnan(targets[:, k]))
+        labels = targets[labelled, k]
+        if np.unique(labels).size < 2:
+            raise ConfigError(
+                f"target {k}: its training labels are all one class; the ChemNet member "
+                "(model.chemnet_weight) needs both"
+            )
+        svm = SVC(C=svm_c, kernel="rbf", gamma=gamma, class_weight="balanced")
+        svm.fit(standardized[labelled], labels)
+        # The margin is positive for classes_[1], the label 1.
+        coefficients[labelled[svm.support_], k] = svm.dual_coef_[0]
+        intercepts[k] = svm.intercept_[0]
+    in_support = np.flatnonzero(np.any(coefficients != 0, axis=1))
+    LOGGER.info(
+        "chemnet: %d molecules, %d support vectors (C %g) in %.1f s",
+        len(token_ids),
+        len(in_support),
+        svm_c,
+        time.perf_counter() - started,
+    )
+    return ChemNetSVM(
+        encoder=encoder.state_dict(),
+        token_start=token_start,
+        token_count=token_ids.shape[1],
+        feature_mean=torch.from_numpy(mean.astype(np.float32)),
+        feature_scale=torch.from_numpy(scale.astype(np.float32)),
+        support=torch.from_numpy(standardized[in_support].astype(np.float32)),
+        coefficients=torch.from_numpy(coefficients[in_support].astype(np.float32)),
+        intercepts=torch.from_numpy(intercepts.astype(np.float32)),
+        gamma=float(gamma),
+    )
