@@ -414,6 +414,7 @@ def test_cache_key_tracks_what_shapes_features(base_config: Config):
         cache_key("md5-a", dataclasses.replace(preprocess, max_atoms=64), "rows"),
         cache_key("md5-a", dataclasses.replace(preprocess, fragments="keep_all"), "rows"),
         cache_key("md5-a", dataclasses.replace(preprocess, descriptors=["MolWt"]), "rows"),
+        cache_key("md5-a", dataclasses.replace(preprocess, smiles_tokens=350), "rows"),
         cache_key(
             "md5-a",
             dataclasses.replace(
@@ -433,15 +434,22 @@ def test_cache_key_tracks_what_shapes_features(base_config: Config):
     assert key not in changed and len(set(changed)) == len(changed)
 
 
-def test_a_kernel_fingerprint_that_is_off_keeps_the_keys_of_caches_made_before_it(
+def test_a_kernel_fingerprint_or_tokens_that_are_off_keep_the_keys_of_caches_made_before_them(
     base_config: Config,
 ):
     preprocess = base_config.preprocess
-    assert preprocess.kernel_fingerprint.size == 0  # off by default
+    # Both off by default.
+    assert preprocess.kernel_fingerprint.size == 0 and preprocess.smiles_tokens == 0
     settings = dataclasses.asdict(preprocess)
-    for left_out in ("num_workers", "chunk_size", "cache_dir", "kernel_fingerprint"):
+    for left_out in (
+        "num_workers",
+        "chunk_size",
+        "cache_dir",
+        "kernel_fingerprint",
+        "smiles_tokens",
+    ):
         settings.pop(left_out)
-    # The key as it was computed before the setting existed.
+    # The key as it was computed before the settings existed.
     payload = json.dumps(["md5-a", "rows", data.FEATURIZER_VERSION, settings], sort_keys=True)
     assert (
         cache_key("md5-a", preprocess, "rows") == hashlib.sha256(payload.encode()).hexdigest()[:16]
