@@ -19,14 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mol_props.chemnet import ChemNetSVM
 from mol_props.config import Config, ModelConfig, PreprocessConfig
 from mol_props.errors import MolPropsError
 from mol_props.featurize import FEATURIZER_VERSION, Featurizer, MoleculeGraph, pad_graphs
-from mol_props.forest import TreeEnsemble
 from mol_props.infer import ModelMetadata, preprocess_from_dict
-from mol_props.kernel import TanimotoKernelRidge
-from mol_props.model import MoleculeGNN, PredictionModel
+from mol_props.model import MEMBER_CLASSES, Member, MoleculeGNN, PredictionModel
 
 LOGGER = logging.getLogger(__name__)
 
@@ -59,20 +56,22 @@ def load_prediction_model(checkpoint: Path) -> tuple[PredictionModel, dict]:
         smiles_token_count=preprocess.smiles_tokens,
     )
     network.load_state_dict(payload["model"])
-    forest = TreeEnsemble.from_state(payload["forest"]) if "forest" in payload else None
-    kernel = TanimotoKernelRidge.from_state(payload["kernel"]) if "kernel" in payload else None
-    chemnet = ChemNetSVM.from_state(payload["chemnet"]) if "chemnet" in payload else None
+    weights = {
+        "forest": model_config.forest_weight,
+        "kernel": model_config.kernel_weight,
+        "chemnet": model_config.chemnet_weight,
+    }
+    members = [
+        Member(name, member_class.from_state(payload[name]), weights[name])
+        for name, member_class in MEMBER_CLASSES.items()
+        if name in payload
+    ]
     model = PredictionModel(
         network,
         payload["task"],
         torch.tensor(payload["target_mean"], dtype=torch.float32),
         torch.tensor(payload["target_std"], dtype=torch.float32),
-        forest=forest,
-        forest_weight=model_config.forest_weight,
-        kernel=kernel,
-        kernel_weight=model_config.kernel_weight,
-        chemnet=chemnet,
-        chemnet_weight=model_config.chemnet_weight,
+        members,
     )
     return model.eval(), payload
 

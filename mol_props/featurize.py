@@ -32,7 +32,7 @@ from rdkit.Chem import Crippen, Descriptors, rdFingerprintGenerator, rdMolDescri
 from rdkit.Chem.rdchem import Atom
 from rdkit.Chem.Scaffolds import MurckoScaffold
 
-from mol_props.config import PreprocessConfig
+from mol_props.config import FingerprintConfig, PreprocessConfig
 from mol_props.errors import ConfigError, MolPropsError
 
 # Part of the feature cache key and of an exported model's metadata: raise it whenever some
@@ -157,6 +157,13 @@ class PaddedBatch:
         }
 
 
+def _morgan_generator(setting: FingerprintConfig):
+    """RDKit's Morgan count generator for `setting`, or None when its size is 0 (off)."""
+    if setting.size == 0:
+        return None
+    return rdFingerprintGenerator.GetMorganGenerator(radius=setting.radius, fpSize=setting.size)
+
+
 def _slot_table(values: Sequence[int], size: int, field: str, shift: int = 0) -> np.ndarray:
     """Lookup table value -> one-hot slot; values not listed map to the last ("unknown") slot."""
     table = np.full(size, len(values), dtype=np.int64)
@@ -241,11 +248,8 @@ class Featurizer:
                 f"preprocess.descriptors: {unknown} are not among {list(DESCRIPTOR_FUNCTIONS)}"
             )
         self._descriptor_functions = [DESCRIPTOR_FUNCTIONS[name] for name in config.descriptors]
-        self._fingerprints = [
-            rdFingerprintGenerator.GetMorganGenerator(radius=setting.radius, fpSize=setting.size)
-            for setting in (config.fingerprint, config.kernel_fingerprint)
-            if setting.size > 0
-        ]
+        self._fingerprint = _morgan_generator(config.fingerprint)
+        self._kernel_fingerprint = _morgan_generator(config.kernel_fingerprint)
         # Column order: named descriptors, the fingerprint's counts, ChemNet token ids, the kernel
         # member's counts. The kernel's come last, so the forest reads a prefix: every column
         # before the token ids.
@@ -487,18 +491,16 @@ class Featurizer:
         values = np.array(
             [function(molecule) for function in self._descriptor_functions], dtype=np.float32
         )
-        if not self._fingerprints and not self.smiles_token_count:
-            return values
-        counts = [
-            generator.GetCountFingerprintAsNumPy(molecule).astype(np.float32)
-            for generator in self._fingerprints
-        ]
-        parts = [values, *counts]
+        parts = [values]  # in column order
+        if self._fingerprint is not None:
+            parts.append(self._fingerprint.GetCountFingerprintAsNumPy(molecule).astype(np.float32))
         if self.smiles_token_count:
-            tokens = chemnet_token_ids(Chem.MolToSmiles(molecule), self.smiles_token_count)
-            # Before the kernel's counts, after the fingerprint's (if any).
-            parts.insert(2 if self.config.fingerprint.size else 1, tokens)
-        return np.concatenate(parts)
+            smiles = Chem.MolToSmiles(molecule)
+            parts.append(chemnet_token_ids(smiles, self.smiles_token_count))
+        if self._kernel_fingerprint is not None:
+            counts = self._kernel_fingerprint.GetCountFingerprintAsNumPy(molecule)
+            parts.append(counts.astype(np.float32))
+        return np.concatenate(parts) if len(parts) > 1 else values
 
     def featurize_many(
         self, smiles: Iterable[str], with_keys: bool = False

@@ -36,6 +36,9 @@ atom, and pooling divides by the real atom count (the forest's atom counts too).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 from torch_geometric.nn.dense import DenseGINConv, DenseGraphConv
@@ -244,6 +247,25 @@ def average_members(
     return average  # [B, T]
 
 
+FittedMember = TreeEnsemble | TanimotoKernelRidge | ChemNetSVM
+# A member's key in the checkpoint -> the class that reads its state, in the order the served
+# model averages them.
+MEMBER_CLASSES: dict[str, type[FittedMember]] = {
+    "forest": TreeEnsemble,
+    "kernel": TanimotoKernelRidge,
+    "chemnet": ChemNetSVM,
+}
+
+
+@dataclass
+class Member:
+    """A fitted member averaged with the network in the served model (Train step 6)."""
+
+    name: str  # a key of MEMBER_CLASSES: its key in the checkpoint and in the summary line
+    module: FittedMember
+    weight: float  # its share of the average
+
+
 class PredictionModel(nn.Module):
     """What gets exported: the GNN (and the forest, kernel and ChemNet members, if any) plus the
     step to what a user wants, so nothing is post-processed outside the model: a probability
@@ -255,24 +277,15 @@ class PredictionModel(nn.Module):
         task: str,
         target_mean: Tensor,
         target_std: Tensor,
-        forest: TreeEnsemble | None = None,
-        forest_weight: float = 0.0,
-        kernel: TanimotoKernelRidge | None = None,
-        kernel_weight: float = 0.0,
-        chemnet: ChemNetSVM | None = None,
-        chemnet_weight: float = 0.0,
+        members: Sequence[Member] = (),
     ):
         super().__init__()
         self.network = network
         self.task = task
         self.register_buffer("target_mean", target_mean.clone())
         self.register_buffer("target_std", target_std.clone())
-        self.forest = forest
-        self.forest_weight = forest_weight
-        self.kernel = kernel
-        self.kernel_weight = kernel_weight
-        self.chemnet = chemnet
-        self.chemnet_weight = chemnet_weight
+        self.members = nn.ModuleDict({member.name: member.module for member in members})
+        self.member_weights = [member.weight for member in members]
 
     def forward(
         self, atom_features: Tensor, adjacency: Tensor, atom_mask: Tensor, descriptors: Tensor
@@ -280,18 +293,12 @@ class PredictionModel(nn.Module):
         raw = self.network(atom_features, adjacency, atom_mask, descriptors)  # [B, T]
         # Probabilities, or values in standardized units (the other members' too).
         values = torch.sigmoid(raw) if self.task == "classification" else raw  # [B, T]
-        others, weights = [], []
-        if self.forest is not None:
-            others.append(self.forest.molecule_forward(atom_features, atom_mask, descriptors))
-            weights.append(self.forest_weight)
-        if self.kernel is not None:
-            others.append(self.kernel.molecule_forward(atom_features, atom_mask, descriptors))
-            weights.append(self.kernel_weight)
-        if self.chemnet is not None:
-            others.append(self.chemnet.molecule_forward(atom_features, atom_mask, descriptors))
-            weights.append(self.chemnet_weight)
-        if others:
-            values = average_members(values, others, weights)  # [B, T]
+        if self.members:
+            others = [
+                member.molecule_forward(atom_features, atom_mask, descriptors)  # [B, T]
+                for member in self.members.values()
+            ]
+            values = average_members(values, others, self.member_weights)  # [B, T]
         if self.task == "classification":
             return values
         return values * self.target_std + self.target_mean

@@ -38,7 +38,7 @@ from mol_props.featurize import Featurizer, MoleculeGraph, pad_graphs
 from mol_props.forest import ForestSettings, TreeEnsemble, fit_forest, forest_features
 from mol_props.kernel import TanimotoKernelRidge, check_kernel_size, fit_kernel
 from mol_props.metrics import MONITORED, evaluate
-from mol_props.model import MoleculeGNN, average_members
+from mol_props.model import FittedMember, Member, MoleculeGNN, average_members
 from mol_props.tracking import RunLogger, git_state
 
 LOGGER = logging.getLogger(__name__)
@@ -288,7 +288,7 @@ def predict(
 
 @torch.no_grad()
 def member_predict(
-    member: TreeEnsemble | TanimotoKernelRidge | ChemNetSVM,
+    member: FittedMember,
     loader: DataLoader,
     task: str,
     scaling: Scaling,
@@ -864,15 +864,6 @@ def _start_tracking(
     return tracker
 
 
-@dataclass
-class Member:
-    """A fitted member averaged with the network in the served model (Train step 6)."""
-
-    name: str  # "forest", "kernel" or "chemnet": its key in the checkpoint and the summary line
-    module: TreeEnsemble | TanimotoKernelRidge | ChemNetSVM
-    weight: float  # its share of the average
-
-
 def _fit_members(config: Config, data: PreparedData, scaling: Scaling) -> list[Member]:
     """The members the config asks for, fitted on train + val. The forest stops at no epoch, so
     it has no use for val but to learn from it: it fits on train + val with or without the
@@ -887,7 +878,7 @@ def _fit_members(config: Config, data: PreparedData, scaling: Scaling) -> list[M
         kernel = _fit_kernel(config, data, rows, scaling)
         members.append(Member("kernel", kernel, config.model.kernel_weight))
     if config.model.chemnet_weight > 0:
-        chemnet = _fit_chemnet(config, data, rows)
+        chemnet = _fit_chemnet(config, data, rows, scaling)
         members.append(Member("chemnet", chemnet, config.model.chemnet_weight))
     return members
 
@@ -967,20 +958,22 @@ def _fit_kernel(
     return fit_kernel(counts, targets, config.data.task, config.model.kernel_ridge)
 
 
-def _fit_chemnet(config: Config, data: PreparedData, rows: np.ndarray) -> ChemNetSVM:
+def _fit_chemnet(
+    config: Config, data: PreparedData, rows: np.ndarray, scaling: Scaling
+) -> ChemNetSVM:
     """The ChemNet member on `rows`, from the SMILES token ids (the descriptor columns after
     the forest's)."""
     start = Featurizer(config.preprocess).forest_descriptor_count
     end = start + config.preprocess.smiles_tokens
     token_ids = np.stack([data.graphs[i].descriptors[start:end] for i in rows])  # [M, L]
-    targets = data.targets[rows]  # classification only (checked with the config)
+    targets = _member_targets(config, data, rows, scaling)  # labels: it is a classifier
     return fit_chemnet_svm(token_ids, targets, start, config.model.chemnet_c)
 
 
 def _member_targets(
     config: Config, data: PreparedData, rows: np.ndarray, scaling: Scaling
 ) -> np.ndarray:
-    """[M, T] what the forest and the kernel fit: labels, or values standardized as the
+    """[M, T] what the forest, the kernel and ChemNet fit: labels, or values standardized as the
     network's are (the members are averaged in those units)."""
     targets = data.targets[rows]
     if config.data.task == "classification":

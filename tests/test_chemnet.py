@@ -25,7 +25,7 @@ from mol_props.featurize import (
     chemnet_token_ids,
     pad_graphs,
 )
-from mol_props.model import PredictionModel
+from mol_props.model import Member, PredictionModel
 from tests.conftest import b3db_spread, new_network
 
 INPUT_NAMES = ["atom_features", "adjacency", "atom_mask", "descriptors"]
@@ -188,8 +188,7 @@ def test_checkpoint_state_and_onnx_runtime_give_the_served_average(molecules, tm
         "classification",
         torch.zeros(1),
         torch.ones(1),
-        chemnet=restored,
-        chemnet_weight=0.5,
+        [Member("chemnet", restored, 0.5)],
     ).eval()
     with torch.no_grad():
         network_alone = torch.sigmoid(network(*(inputs[name] for name in INPUT_NAMES))).numpy()

@@ -20,7 +20,7 @@ from mol_props.forest import (
     forest_features,
     molecule_features,
 )
-from mol_props.model import PredictionModel
+from mol_props.model import Member, PredictionModel
 from tests.conftest import b3db_spread, new_network
 
 INPUT_NAMES = ["atom_features", "adjacency", "atom_mask", "descriptors"]
@@ -168,7 +168,11 @@ def test_checkpoint_state_and_onnx_runtime_give_the_same_probabilities(molecules
     torch.manual_seed(0)
     network = new_network(featurizer, config.model).eval()
     model = PredictionModel(
-        network, "classification", torch.zeros(1), torch.ones(1), restored, forest_weight=0.4
+        network,
+        "classification",
+        torch.zeros(1),
+        torch.ones(1),
+        [Member("forest", restored, 0.4)],
     ).eval()
     feeds = {name: tensor.numpy() for name, tensor in inputs.items()}
     with torch.no_grad():

@@ -20,7 +20,7 @@ from mol_props.export import (
 )
 from mol_props.featurize import Featurizer, MoleculeGraph, pad_graphs
 from mol_props.kernel import TanimotoKernelRidge, fit_kernel, tanimoto
-from mol_props.model import PredictionModel
+from mol_props.model import Member, PredictionModel
 from tests.conftest import b3db_spread, new_network
 
 INPUT_NAMES = ["atom_features", "adjacency", "atom_mask", "descriptors"]
@@ -128,7 +128,7 @@ def test_checkpoint_state_and_onnx_runtime_give_the_same_values(molecules, tmp_p
     network = new_network(featurizer, compose_config([]).model).eval()
     target_mean, target_std = torch.tensor([1.5]), torch.tensor([2.0])
     model = PredictionModel(
-        network, "regression", target_mean, target_std, kernel=restored, kernel_weight=0.3
+        network, "regression", target_mean, target_std, [Member("kernel", restored, 0.3)]
     ).eval()
     feeds = {name: tensor.numpy() for name, tensor in inputs.items()}
     with torch.no_grad():
@@ -151,7 +151,7 @@ def test_export_parity_allows_the_models_own_float32_rounding_and_no_more(molecu
     torch.manual_seed(0)
     network = new_network(featurizer, compose_config([]).model).eval()
     model = PredictionModel(
-        network, "regression", torch.zeros(1), torch.ones(1), kernel=kernel, kernel_weight=1.0
+        network, "regression", torch.zeros(1), torch.ones(1), [Member("kernel", kernel, 1.0)]
     ).eval()
     inputs = example_inputs(graphs, 128, featurizer)
     rounding = float32_rounding(model, inputs)
