@@ -133,6 +133,9 @@ class ModelConfig:
     # preprocess.smiles_tokens; its share of the averaged output. 0 = no ChemNet member.
     chemnet_weight: float = 0.0
     chemnet_c: float = 1.0  # the SVM's C: smaller = smoother
+    # Which of ChemNet's outputs the SVM reads (mol_props.chemnet.READOUTS); "last" is what
+    # models saved before the setting read.
+    chemnet_readout: str = "last"
     head_hidden_dim: int = MISSING
     head_layers: int = MISSING
 
@@ -254,6 +257,7 @@ CHOICES = {
     ("model", "conv"): ("gin", "graph"),
     ("model", "pooling"): ("mean", "mean_sum"),
     ("model", "forest_class_weight"): ("balanced_subsample", "balanced", "none"),
+    ("model", "chemnet_readout"): ("max", "last"),
     ("train", "scheduler"): ("onecycle", "cosine", "constant"),
     ("serving", "backend"): ("onnx", "tensorrt"),
 }

@@ -967,7 +967,9 @@ def _fit_chemnet(
     end = start + config.preprocess.smiles_tokens
     token_ids = np.stack([data.graphs[i].descriptors[start:end] for i in rows])  # [M, L]
     targets = _member_targets(config, data, rows, scaling)  # labels: it is a classifier
-    return fit_chemnet_svm(token_ids, targets, start, config.model.chemnet_c)
+    return fit_chemnet_svm(
+        token_ids, targets, start, config.model.chemnet_c, config.model.chemnet_readout
+    )
 
 
 def _member_targets(

@@ -44,7 +44,12 @@ SMILES = [
 
 @pytest.fixture(scope="module")
 def encoder() -> ChemNetEncoder:
-    return ChemNetEncoder.pretrained(LENGTH)
+    return ChemNetEncoder.pretrained(LENGTH, "last")
+
+
+@pytest.fixture(scope="module")
+def max_encoder() -> ChemNetEncoder:
+    return ChemNetEncoder.pretrained(LENGTH, "max")
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +99,19 @@ def test_encoder_gives_fcd_torch_s_chemnet_features(encoder):
     assert np.abs(expected[0] - expected[1]).max() > 0.1  # molecules differ
 
 
+def test_max_readout_is_the_largest_of_fcd_torch_s_lstm_outputs_over_the_steps(max_encoder):
+    chemnet = FCD(device="cpu", n_jobs=1, canonize=False).model
+    one_hot = np.stack([get_one_hot(smiles, LENGTH) for smiles in SMILES]) / 35  # [6, L, 35]
+    with torch.no_grad():
+        # fcd_torch's layers up to the second LSTM's outputs, before it picks the last one.
+        outputs = chemnet[:13](torch.from_numpy(one_hot).float().transpose(1, 2))  # [6, 88, 512]
+    expected = outputs.max(dim=1).values.numpy()
+    token_ids = np.stack([chemnet_token_ids(smiles, LENGTH) for smiles in SMILES])
+    np.testing.assert_allclose(chemnet_features(max_encoder, token_ids), expected, atol=1e-6)
+    # Not the last output: the maximum is reached at other steps.
+    assert np.abs(expected - outputs[:, -1].numpy()).max() > 0.1
+
+
 def test_featurizer_puts_token_ids_between_the_fingerprints(molecules):
     graphs, _, featurizer = molecules
     named = len(featurizer.config.descriptors)
@@ -129,26 +147,26 @@ def _token_ids(graphs: list[MoleculeGraph], featurizer: Featurizer) -> np.ndarra
     return np.stack([graph.descriptors[start : start + LENGTH] for graph in graphs])  # [M, L]
 
 
-def test_svm_equals_scikit_learn_on_chemnet_features_per_labelled_target(molecules, encoder):
+def test_svm_equals_scikit_learn_on_chemnet_features_per_labelled_target(molecules, max_encoder):
     graphs, labels, featurizer = molecules
     token_ids = _token_ids(graphs, featurizer)
     targets = np.stack([labels, 1 - labels], axis=1)[:90]  # [90, 2]
     targets[::3, 1] = np.nan  # the second target misses a third of its labels
     member = fit_chemnet_svm(
-        token_ids[:90], targets, featurizer.forest_descriptor_count, svm_c=1.0
+        token_ids[:90], targets, featurizer.forest_descriptor_count, svm_c=2.0, readout="max"
     )
     inputs = _padded(graphs[90:], featurizer)
     with torch.no_grad():
         predicted = member.molecule_forward(
             inputs["atom_features"], inputs["atom_mask"], inputs["descriptors"]
         ).numpy()  # [30, 2]
-    features = chemnet_features(encoder, token_ids)
+    features = chemnet_features(max_encoder, token_ids)
     mean, scale = features[:90].mean(axis=0), features[:90].std(axis=0)
     standardized = (features - mean) / np.where(scale == 0, 1.0, scale)
     gamma = 1.0 / (512 * standardized[:90].var())
     for k in range(2):
         labelled = ~np.isnan(targets[:, k])
-        reference = SVC(C=1.0, gamma=gamma, class_weight="balanced")
+        reference = SVC(C=2.0, gamma=gamma, class_weight="balanced")
         reference.fit(standardized[:90][labelled], targets[labelled, k])
         margins = reference.decision_function(standardized[90:])
         np.testing.assert_allclose(predicted[:, k], 1 / (1 + np.exp(-margins)), atol=2e-4)
@@ -161,7 +179,9 @@ def test_svm_equals_scikit_learn_on_chemnet_features_per_labelled_target(molecul
 def test_a_target_of_one_class_is_a_clear_error(molecules):
     graphs, _, featurizer = molecules
     with pytest.raises(ConfigError, match="target 0: its training labels are all one class"):
-        fit_chemnet_svm(_token_ids(graphs[:20], featurizer), np.ones((20, 1)), 0, svm_c=1.0)
+        fit_chemnet_svm(
+            _token_ids(graphs[:20], featurizer), np.ones((20, 1)), 0, svm_c=1.0, readout="max"
+        )
 
 
 def test_checkpoint_state_and_onnx_runtime_give_the_served_average(molecules, tmp_path):
@@ -171,6 +191,7 @@ def test_checkpoint_state_and_onnx_runtime_give_the_served_average(molecules, tm
         labels[:90, None],
         featurizer.forest_descriptor_count,
         svm_c=1.0,
+        readout="max",
     )
     path = tmp_path / "checkpoint.pt"
     torch.save({"chemnet": member.state()}, path)
@@ -205,10 +226,23 @@ def test_checkpoint_state_and_onnx_runtime_give_the_served_average(molecules, tm
     np.testing.assert_allclose(three, served[:3], atol=1e-5)
 
 
-def test_preset_turns_on_the_tokens_and_the_member_and_halves_the_others():
+def test_a_checkpoint_from_before_the_readout_setting_reads_the_last_output(molecules, encoder):
+    graphs, labels, featurizer = molecules
+    token_ids = _token_ids(graphs, featurizer)
+    member = fit_chemnet_svm(token_ids[:90], labels[:90, None], 0, svm_c=1.0, readout="last")
+    state = member.state()
+    del state["readout"]  # as saved before the setting existed
+    restored = ChemNetSVM.from_state(state)
+    with torch.no_grad():
+        features = restored.encoder(torch.from_numpy(token_ids[90:])).numpy()
+    np.testing.assert_array_equal(features, chemnet_features(encoder, token_ids[90:]))
+
+
+def test_preset_turns_on_the_tokens_and_the_member_and_shrinks_the_others():
     config = compose_config(["model=dense_gnn_chemnet"])
     assert config.preprocess.smiles_tokens == LENGTH
-    assert (config.model.chemnet_weight, config.model.forest_weight) == (0.5, 0.35)
+    assert (config.model.chemnet_weight, config.model.forest_weight) == (0.7, 0.21)
+    assert (config.model.chemnet_c, config.model.chemnet_readout) == (2.0, "max")
     assert config.model.forest_trees > 0 and config.model.fingerprint_hidden_dim > 0
 
 
@@ -220,7 +254,8 @@ def test_preset_turns_on_the_tokens_and_the_member_and_halves_the_others():
             ["model=dense_gnn_chemnet", "data=b3db_regression"],
             "the ChemNet member is a classifier",
         ),
-        (["model=dense_gnn_chemnet", "model.chemnet_weight=0.7"], r"> 1: they are shares"),
+        (["model=dense_gnn_chemnet", "model.chemnet_weight=0.8"], r"> 1: they are shares"),
+        (["model.chemnet_readout=mean"], "expected one of max, last"),
         (["preprocess.smiles_tokens=1"], "room for the end mark alone"),
         (["model=dense_gnn_chemnet", "model.chemnet_c=0"], "must be positive"),
     ],
