@@ -13,8 +13,9 @@ README, "ChemNet".
 
     token ids [B, L] --one-hot / 35--> [B, 35, L]
         -> 2 x (same-padded Conv1d, kernel 4, stride 2; SELU)      [B, 32, L/4]
-        -> LSTM 32 -> 128 over the reversed steps, reversed back   [B, L/4, 128]
-        -> LSTM 128 -> 512 over the reversed steps                 [B, L/4, 512]
+        -> LSTM 32 -> 128 over the steps from last to first         [B, L/4, 128]
+        -> LSTM 128 -> 512 over those outputs from last to first,
+           i.e. the SMILES' steps first, then the padding's        [B, L/4, 512]
         -> max over the steps (or the last output)                 [B, 512]
         -> standardized -> RBF kernel to the support vectors        [B, S]
         -> @ coefficients + intercepts -> sigmoid                   [B, T]
