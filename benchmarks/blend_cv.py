@@ -168,14 +168,15 @@ def cache_path(folder: str, seed: int, folds: int, extra: list[str]) -> Path | N
     if not folder:
         return None
     resolved = dataclasses.asdict(compose_config(GNN_ONLY + extra))
-    # The fold runs fit no forest and no kernel member: their settings, and the kernel's counts
-    # (which the network does not read), do not change their predictions.
+    # The fold runs fit no forest, kernel or ChemNet member: their settings, the kernel's counts
+    # and the SMILES token ids (which the network does not read) do not change their predictions.
     resolved["model"] = {
         name: value
         for name, value in resolved["model"].items()
-        if not name.startswith(("forest_", "kernel_"))
+        if not name.startswith(("forest_", "kernel_", "chemnet_"))
     }
     resolved["preprocess"].pop("kernel_fingerprint")
+    resolved["preprocess"].pop("smiles_tokens")
     digest = hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode())
     return Path(folder) / f"gnn_seed{seed}_folds{folds}_config{digest.hexdigest()[:12]}.npy"
 

@@ -102,6 +102,7 @@ class ChemNetEncoder(nn.Module):
         if readout not in READOUTS:
             raise ConfigError(f"model.chemnet_readout={readout!r}: one of {READOUTS}")
         self.readout = readout
+        self.length = length
         vocabulary = len(CHEMNET_VOCABULARY)
         self.first_convolution = nn.Conv1d(vocabulary, 32, _KERNEL, stride=_STRIDE, bias=False)
         self.second_convolution = nn.Conv1d(32, 32, _KERNEL, stride=_STRIDE, bias=False)
@@ -181,7 +182,12 @@ class ChemNetSVM(nn.Module):
         self.gamma = gamma
 
     def forward(self, token_ids: Tensor) -> Tensor:
-        features = (self.encoder(token_ids) - self.feature_mean) / self.feature_scale  # [B, 512]
+        return self.classify(self.encoder(token_ids))
+
+    def classify(self, features: Tensor) -> Tensor:
+        """Probabilities [B, T] from ChemNet features [B, 512] (benchmarks/chemnet_cv.py
+        computes the features once for all its folds)."""
+        features = (features - self.feature_mean) / self.feature_scale  # [B, 512]
         squares = (features * features).sum(dim=1, keepdim=True)  # [B, 1]
         distances = squares + self.support_squares - 2.0 * features @ self.support.T  # [B, S]
         kernel = torch.exp(-self.gamma * distances.clamp(min=0.0))  # [B, S]
@@ -228,16 +234,37 @@ def chemnet_features(encoder: ChemNetEncoder, token_ids: np.ndarray) -> np.ndarr
 def fit_chemnet_svm(
     token_ids: np.ndarray, targets: np.ndarray, token_start: int, svm_c: float, readout: str
 ) -> ChemNetSVM:
+    """The ChemNet member fitted on token ids [M, L] float32 (the descriptor columns from
+    `token_start`): pretrained ChemNet's features, then fit_svm_on_features."""
+    started = time.perf_counter()
+    encoder = ChemNetEncoder.pretrained(token_ids.shape[1], readout)
+    features = chemnet_features(encoder, token_ids.astype(np.float32))  # [M, 512]
+    member = fit_svm_on_features(encoder, features, targets, token_start, svm_c)
+    LOGGER.info(
+        "chemnet: %d molecules, %d support vectors (C %g, %s read-out) in %.1f s",
+        len(token_ids),
+        len(member.support),
+        svm_c,
+        readout,
+        time.perf_counter() - started,
+    )
+    return member
+
+
+def fit_svm_on_features(
+    encoder: ChemNetEncoder,
+    features: np.ndarray,
+    targets: np.ndarray,
+    token_start: int,
+    svm_c: float,
+) -> ChemNetSVM:
     """An RBF SVM per target (classes weighted inversely to their frequency) on the standardized
-    ChemNet features of the rows labelled for it. `token_ids` [M, L] float32; `targets` [M, T]
+    `features` [M, 512] (float64, from `encoder`) of the rows labelled for it. `targets` [M, T]
     0/1 labels, NaN = missing. One kernel width for all targets: scikit-learn's "scale" over all
     rows, 1 / (512 x the features' variance). The support is the union of every target's support
     vectors; a molecule keeps coefficient 0 for a target whose support it is not in."""
     from sklearn.svm import SVC
 
-    started = time.perf_counter()
-    encoder = ChemNetEncoder.pretrained(token_ids.shape[1], readout)
-    features = chemnet_features(encoder, token_ids.astype(np.float32))  # [M, 512]
     mean = features.mean(axis=0)
     scale = features.std(axis=0)
     scale[scale == 0] = 1.0  # a feature constant over training: (x - mean) stays 0 for it
@@ -259,23 +286,15 @@ def fit_chemnet_svm(
         coefficients[labelled[svm.support_], k] = svm.dual_coef_[0]
         intercepts[k] = svm.intercept_[0]
     in_support = np.flatnonzero(np.any(coefficients != 0, axis=1))
-    LOGGER.info(
-        "chemnet: %d molecules, %d support vectors (C %g, %s read-out) in %.1f s",
-        len(token_ids),
-        len(in_support),
-        svm_c,
-        readout,
-        time.perf_counter() - started,
-    )
     return ChemNetSVM(
         encoder=encoder.state_dict(),
         token_start=token_start,
-        token_count=token_ids.shape[1],
+        token_count=encoder.length,
         feature_mean=torch.from_numpy(mean.astype(np.float32)),
         feature_scale=torch.from_numpy(scale.astype(np.float32)),
         support=torch.from_numpy(standardized[in_support].astype(np.float32)),
         coefficients=torch.from_numpy(coefficients[in_support].astype(np.float32)),
         intercepts=torch.from_numpy(intercepts.astype(np.float32)),
         gamma=float(gamma),
-        readout=readout,
+        readout=encoder.readout,
     )

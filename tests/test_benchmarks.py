@@ -23,6 +23,8 @@ from tests.conftest import REPO_ROOT
         ("blend_cv.py", ["--folds=1"], "error: --folds=1: must be at least 2"),
         ("blend_cv.py", ["--forests=[[100,-1]]"], "entry [100, -1]: must be [trees, depth]"),
         ("blend_cv.py", ["--benchmark_dir=/nonexistent"], "no b3db_classification"),
+        ("chemnet_cv.py", ["--readouts=[mean]"], "error: --readouts: ['mean'] not among"),
+        ("chemnet_cv.py", ["--shares=[0.5,1.5]"], "error: --shares=[0.5, 1.5]: each must lie"),
         (
             "triton_load.py",
             ["--http=http://127.0.0.1:9", "--protocols=http"],
@@ -85,7 +87,29 @@ def test_cached_cross_validation_predictions_are_keyed_by_what_the_network_train
     # Nor a kernel member, whose counts the network does not read.
     kernel = ["preprocess.kernel_fingerprint.size=64", "model.kernel_weight=0.2"]
     assert cache_path("cache", 0, 5, kernel) == default
+    # Nor a ChemNet member, whose token ids the network does not read either.
+    chemnet = ["preprocess.smiles_tokens=350", "model.chemnet_weight=0.5", "model.chemnet_c=3"]
+    assert cache_path("cache", 0, 5, chemnet) == default
     assert cache_path("", 0, 5, []) is None
+
+
+def test_bootstrap_difference_is_the_roc_auc_gap_with_its_spread_over_resamples(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    from chemnet_cv import bootstrap_difference
+    from sklearn.metrics import roc_auc_score
+
+    generator = np.random.default_rng(0)
+    labels = (generator.random(300) < 0.6).astype(float)  # [300]
+    baseline = labels + generator.normal(0, 1.0, 300)  # a weak ranker
+    candidate = labels + generator.normal(0, 0.5, 300)  # a stronger one
+    difference, error = bootstrap_difference(labels, baseline, candidate, 200, seed=0)
+    expected = roc_auc_score(labels, candidate) - roc_auc_score(labels, baseline)
+    assert difference == pytest.approx(expected)
+    assert 0.005 < error < 0.05  # a few hundred molecules: a spread of about a hundredth
+    # The same predictions on both sides: no difference in any resample.
+    assert bootstrap_difference(labels, baseline, baseline, 50, seed=0) == (0.0, 0.0)
 
 
 def test_featurize_benchmark_runs_on_a_small_table(tmp_path):

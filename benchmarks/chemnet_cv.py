@@ -1,0 +1,185 @@
+"""Scaffold cross-validation of the ChemNet member (`model=dense_gnn_chemnet`) on the benchmark's
+train + val rows: blend_cv.py's folds and out-of-fold network predictions, the served forest
+refitted on each fold's other folds, and one ChemNet SVM per read-out and C. Test is not read.
+
+    uv run python benchmarks/chemnet_cv.py                    # seeds 0 1; read-outs max, last
+    uv run python benchmarks/chemnet_cv.py --seeds='[0]' --readouts='[max]' --c_values='[1,2,4]'
+
+The network's out-of-fold predictions are read from `--gnn_cache` (data/cache/blend_cv, where
+`benchmarks/blend_cv.py --gnn_cache=data/cache/blend_cv` saves them); a seed without them trains
+its 5 fold networks first, as blend_cv.py does (~10 minutes a seed here). ChemNet's features are
+computed once per read-out for all molecules (~15 s); each fold then fits the SVM as `mol_props
+train` does (mol_props.chemnet.fit_svm_on_features) on the other folds.
+
+For each seed it prints pooled out-of-fold ROC-AUC / ROC-AUC on the lone-scaffold molecules (the
+~355 whose scaffold is theirs alone among the 7,024, as every molecule of test is): first the
+default model (network and forest in the default's shares), then per read-out and C the SVM alone
+and the default averaged with it at each share. Each lone-scaffold figure comes with its
+difference from the default model's and that difference's paired bootstrap standard error (the
+same resampled molecules for both). A difference within two of those is noise; and since every
+seed scores the same few hundred molecules, agreeing seeds do not shrink it.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import tempfile
+from pathlib import Path
+
+import fire
+import numpy as np
+import torch
+from blend_cv import cache_path, cross_validate, forest_factory, masked_auc
+from train_quality import REPO_ROOT, benchmark_table
+
+from mol_props.chemnet import READOUTS, ChemNetEncoder, chemnet_features, fit_svm_on_features
+from mol_props.commands import reported_errors
+from mol_props.config import compose_config
+from mol_props.featurize import Featurizer, MoleculeGraph, featurize_parallel
+from mol_props.metrics import roc_auc
+
+SMILES_TOKENS = 350  # ChemNet's own length, as the preset sets it
+
+
+def chemnet_token_table(smiles: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """[M, 350] token ids as the featurizer puts them among the descriptors, and [M] whether the
+    molecule could be featurized (rows of those that could not are padding)."""
+    preprocess = compose_config([f"preprocess.smiles_tokens={SMILES_TOKENS}"]).preprocess
+    start = Featurizer(preprocess).forest_descriptor_count
+    results = featurize_parallel(smiles, preprocess, num_workers=0, progress=False)
+    featurized = np.array([isinstance(result, MoleculeGraph) for result in results])
+    token_ids = np.zeros((len(smiles), SMILES_TOKENS), dtype=np.float32)
+    for i in np.flatnonzero(featurized):
+        token_ids[i] = results[i].descriptors[start : start + SMILES_TOKENS]
+    return token_ids, featurized
+
+
+def member_predictions(
+    features: np.ndarray,
+    encoder: ChemNetEncoder,
+    labels: np.ndarray,
+    assignment: np.ndarray,
+    featurized: np.ndarray,
+    svm_c: float,
+) -> np.ndarray:
+    """[M] out-of-fold probabilities of the ChemNet SVM (NaN where unfeaturizable)."""
+    predictions = np.full(len(labels), np.nan)
+    for fold in np.unique(assignment):
+        fit = (assignment != fold) & featurized
+        held = (assignment == fold) & featurized
+        member = fit_svm_on_features(encoder, features[fit], labels[fit, None], 0, svm_c)
+        with torch.no_grad():
+            held_features = torch.from_numpy(features[held].astype(np.float32))
+            predictions[held] = member.classify(held_features).numpy()[:, 0]
+    return predictions
+
+
+def bootstrap_difference(
+    labels: np.ndarray, baseline: np.ndarray, candidate: np.ndarray, resamples: int, seed: int
+) -> tuple[float, float]:
+    """ROC-AUC of `candidate` minus `baseline` on these molecules, and the standard error of that
+    difference over `resamples` resamplings of the molecules (the same ones for both)."""
+    difference = roc_auc(labels, candidate) - roc_auc(labels, baseline)
+    generator = np.random.default_rng(seed)
+    resampled = []
+    for _ in range(resamples):
+        pick = generator.integers(0, len(labels), len(labels))  # [N] with replacement
+        if labels[pick].min() == labels[pick].max():
+            continue  # one class only: no ROC-AUC
+        resampled.append(
+            roc_auc(labels[pick], candidate[pick]) - roc_auc(labels[pick], baseline[pick])
+        )
+    return difference, float(np.std(resampled))
+
+
+def figures(
+    labels: np.ndarray,
+    scored: np.ndarray,
+    default: np.ndarray,
+    predictions: np.ndarray,
+    resamples: int,
+    seed: int,
+) -> str:
+    """ "pooled / lone scaffolds (difference from the default ± its standard error)"; `scored`
+    marks the lone-scaffold molecules the default model scores."""
+    difference, error = bootstrap_difference(
+        labels[scored], default[scored], predictions[scored], resamples, seed
+    )
+    return (
+        f"{masked_auc(labels, predictions):.4f} / "
+        f"{masked_auc(labels[scored], predictions[scored]):.4f} "
+        f"({difference:+.4f} ± {error:.4f})"
+    )
+
+
+def main(
+    seeds: tuple[int, ...] = (0, 1),
+    folds: int = 5,
+    readouts: tuple[str, ...] = READOUTS,
+    c_values: tuple[float, ...] = (1.0, 2.0),
+    shares: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8),
+    resamples: int = 1000,
+    gnn_cache: str = "data/cache/blend_cv",
+    benchmark_dir: str = str(REPO_ROOT.parent / "shared" / "benchmark"),
+) -> None:
+    """Cross-validate the ChemNet SVM per read-out and C, alone and averaged with the default
+    model at each share; print ROC-AUCs (see the module doc)."""
+    if unknown := [readout for readout in readouts if readout not in READOUTS]:
+        raise SystemExit(f"error: --readouts: {unknown} not among {list(READOUTS)}")
+    if not all(value > 0 for value in c_values):
+        raise SystemExit(f"error: --c_values={list(c_values)}: each must be positive")
+    if not all(0.0 < share <= 1.0 for share in shares):
+        raise SystemExit(f"error: --shares={list(shares)}: each must lie in (0, 1]")
+    if resamples < 10:
+        raise SystemExit(f"error: --resamples={resamples}: must be at least 10")
+    model = compose_config([]).model
+    network_share = 1.0 - model.forest_weight
+    table = benchmark_table("classification", benchmark_dir)
+    with table.open(newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["split"] in ("train", "val")]
+    labels = np.array([float(row["label"]) for row in rows])
+    token_ids, featurized = chemnet_token_table([row["smiles"] for row in rows])
+    features = {}
+    for readout in readouts:
+        encoder = ChemNetEncoder.pretrained(SMILES_TOKENS, readout)
+        features[readout] = (encoder, chemnet_features(encoder, token_ids))  # [M, 512]
+    print(
+        f"{table.name}: {len(rows):,} train + val molecules in {folds} scaffold folds; default "
+        f"model: network {network_share:.2f}, forest {model.forest_weight:.2f}"
+    )
+    served_forest = {"served": forest_factory(model.forest_trees, model.forest_depth, model)}
+    for seed in seeds:
+        cache = cache_path(gnn_cache, seed, folds, [])
+        cached = np.load(cache) if cache is not None and cache.is_file() else None
+        with tempfile.TemporaryDirectory() as scratch:
+            work = Path(scratch)
+            shutil.copytree(REPO_ROOT / "triton_repo", work / "triton_repo")
+            gnn, forest, assignment, lone = cross_validate(
+                rows, seed, folds, [], served_forest, work, cached
+            )
+        if cache is not None and cached is None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.save(cache, gnn)
+        default = network_share * gnn + (1 - network_share) * forest["served"]
+        scored = lone & ~np.isnan(default)
+        print(
+            f"seed {seed}: default model {masked_auc(labels, default):.4f} / "
+            f"{masked_auc(labels[scored], default[scored]):.4f} (lone scaffolds: {scored.sum()})"
+        )
+        for readout, (encoder, readout_features) in features.items():
+            for svm_c in c_values:
+                member = member_predictions(
+                    readout_features, encoder, labels, assignment, featurized, svm_c
+                )
+                line = figures(labels, scored, default, member, resamples, seed)
+                print(f"seed {seed}, {readout} read-out, C {svm_c:g}: alone {line}")
+                for share in shares:
+                    averaged = (1 - share) * default + share * member  # [M]
+                    line = figures(labels, scored, default, averaged, resamples, seed)
+                    print(f"    at share {share:.2f}: {line}", flush=True)
+
+
+if __name__ == "__main__":
+    with reported_errors():
+        fire.Fire(main)
