@@ -44,7 +44,7 @@ SMILES_TOKENS = 350  # ChemNet's own length, as the preset sets it
 
 def chemnet_token_table(smiles: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """[M, 350] token ids as the featurizer puts them among the descriptors, and [M] whether the
-    molecule could be featurized (rows of those that could not are padding)."""
+    molecule could be featurized (the rows of those that could not stay zeros, never used)."""
     preprocess = compose_config([f"preprocess.smiles_tokens={SMILES_TOKENS}"]).preprocess
     start = Featurizer(preprocess).forest_descriptor_count
     results = featurize_parallel(smiles, preprocess, num_workers=0, progress=False)
