@@ -46,12 +46,12 @@ def chemnet_token_table(smiles: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """[M, 350] token ids as the featurizer puts them among the descriptors, and [M] whether the
     molecule could be featurized (the rows of those that could not stay zeros, never used)."""
     preprocess = compose_config([f"preprocess.smiles_tokens={SMILES_TOKENS}"]).preprocess
-    start = Featurizer(preprocess).forest_descriptor_count
+    columns = Featurizer(preprocess).smiles_token_columns
     results = featurize_parallel(smiles, preprocess, num_workers=0, progress=False)
     featurized = np.array([isinstance(result, MoleculeGraph) for result in results])
     token_ids = np.zeros((len(smiles), SMILES_TOKENS), dtype=np.float32)
     for i in np.flatnonzero(featurized):
-        token_ids[i] = results[i].descriptors[start : start + SMILES_TOKENS]
+        token_ids[i] = results[i].descriptors[columns]
     return token_ids, featurized
 
 

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mol_props.config import CHOICES
 from mol_props.errors import ConfigError
 from mol_props.featurize import CHEMNET_VOCABULARY
 
@@ -57,7 +58,7 @@ _ENCODER_PARTS = ("first_convolution", "second_convolution", "first_lstm", "seco
 # How the second LSTM's outputs [B, S, 512] become a molecule's features: "last" is the output
 # after the last step, as the Frechet ChemNet Distance reads it; "max" the largest value of each
 # output over all steps (the padding's included), which the SVM ranks new scaffolds better with.
-READOUTS = ("max", "last")
+READOUTS = CHOICES[("model", "chemnet_readout")]
 
 
 def chemnet_weights_path() -> Path:

@@ -255,6 +255,10 @@ class Featurizer:
         # before the token ids.
         self.forest_descriptor_count = len(self._descriptor_functions) + config.fingerprint.size
         self.smiles_token_count = config.smiles_tokens
+        # ChemNet's token ids (the ChemNet member's input) among the descriptor columns.
+        self.smiles_token_columns = slice(
+            self.forest_descriptor_count, self.forest_descriptor_count + config.smiles_tokens
+        )
         self.descriptor_size = (
             self.forest_descriptor_count + config.smiles_tokens + config.kernel_fingerprint.size
         )

@@ -963,12 +963,11 @@ def _fit_chemnet(
 ) -> ChemNetSVM:
     """The ChemNet member on `rows`, from the SMILES token ids (the descriptor columns after
     the forest's)."""
-    start = Featurizer(config.preprocess).forest_descriptor_count
-    end = start + config.preprocess.smiles_tokens
-    token_ids = np.stack([data.graphs[i].descriptors[start:end] for i in rows])  # [M, L]
+    columns = Featurizer(config.preprocess).smiles_token_columns
+    token_ids = np.stack([data.graphs[i].descriptors[columns] for i in rows])  # [M, L]
     targets = _member_targets(config, data, rows, scaling)  # labels: it is a classifier
     return fit_chemnet_svm(
-        token_ids, targets, start, config.model.chemnet_c, config.model.chemnet_readout
+        token_ids, targets, columns.start, config.model.chemnet_c, config.model.chemnet_readout
     )
 
 

@@ -124,6 +124,7 @@ def test_featurizer_puts_token_ids_between_the_fingerprints(molecules):
         Chem.MolToSmiles(Chem.MolFromSmiles("CN1CCC[C@H]1c1cccnc1")), LENGTH
     )
     np.testing.assert_array_equal(graph.descriptors[start : start + LENGTH], expected)
+    assert featurizer.smiles_token_columns == slice(start, start + LENGTH)
     plain = Featurizer(
         compose_config(
             [
@@ -143,8 +144,8 @@ def _padded(graphs: list[MoleculeGraph], featurizer: Featurizer) -> dict[str, to
 
 
 def _token_ids(graphs: list[MoleculeGraph], featurizer: Featurizer) -> np.ndarray:
-    start = featurizer.forest_descriptor_count
-    return np.stack([graph.descriptors[start : start + LENGTH] for graph in graphs])  # [M, L]
+    columns = featurizer.smiles_token_columns
+    return np.stack([graph.descriptors[columns] for graph in graphs])  # [M, L]
 
 
 def test_svm_equals_scikit_learn_on_chemnet_features_per_labelled_target(molecules, max_encoder):
