@@ -1,9 +1,11 @@
 """Scaffold cross-validation of the ChemNet member (`model=dense_gnn_chemnet`) on the benchmark's
 train + val rows: blend_cv.py's folds and out-of-fold network predictions, the served forest
-refitted on each fold's other folds, and one ChemNet SVM per read-out and C. Test is not read.
+refitted on each fold's other folds, and one ChemNet SVM per read-out, C and calibration (the
+Platt scaling's folds, 0 = none). Test is not read.
 
-    uv run python benchmarks/chemnet_cv.py                    # seeds 0 1; read-outs max, last
+    uv run python benchmarks/chemnet_cv.py          # seeds 0 1; read-outs max, last; C 1, 2
     uv run python benchmarks/chemnet_cv.py --seeds='[0]' --readouts='[max]' --c_values='[1,2,4]'
+    uv run python benchmarks/chemnet_cv.py --readouts='[max]' --c_values='[2]'  # Platt or not
 
 The network's out-of-fold predictions are read from `--gnn_cache` (data/cache/blend_cv, where
 `benchmarks/blend_cv.py --gnn_cache=data/cache/blend_cv` saves them); a seed without them trains
@@ -12,17 +14,19 @@ computed once per read-out for all molecules (~15 s); each fold then fits the SV
 train` does (mol_props.chemnet.fit_svm_on_features) on the other folds.
 
 For each seed it prints pooled out-of-fold ROC-AUC / ROC-AUC on the lone-scaffold molecules (the
-~355 whose scaffold is theirs alone among the 7,024, as every molecule of test is): first the
-default model (network and forest in the default's shares), then per read-out and C the SVM alone
-and the default averaged with it at each share. Each lone-scaffold figure comes with its
-difference from the default model's and that difference's paired bootstrap standard error (the
-same resampled molecules for both). A difference within two of those is noise; and since every
-seed scores the same few hundred molecules, agreeing seeds do not shrink it.
+~355 whose scaffold is theirs alone among the 7,024, as every molecule of test is), and the pooled
+Brier score: first the default model (network and forest in the default's shares), then per
+read-out, C and calibration the SVM alone and the default averaged with it at each share. Each
+lone-scaffold figure comes with its difference from the default model's and that difference's
+paired bootstrap standard error (the same resampled molecules for both). A difference within two
+of those is noise; and since every seed scores the same few hundred molecules, agreeing seeds do
+not shrink it.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import shutil
 import tempfile
 from pathlib import Path
@@ -33,7 +37,13 @@ import torch
 from blend_cv import cache_path, cross_validate, forest_factory, masked_auc
 from train_quality import REPO_ROOT, benchmark_table
 
-from mol_props.chemnet import READOUTS, ChemNetEncoder, chemnet_features, fit_svm_on_features
+from mol_props.chemnet import (
+    READOUTS,
+    Calibration,
+    ChemNetEncoder,
+    chemnet_features,
+    fit_svm_on_features,
+)
 from mol_props.commands import reported_errors
 from mol_props.config import compose_config
 from mol_props.featurize import Featurizer, MoleculeGraph, featurize_parallel
@@ -42,17 +52,20 @@ from mol_props.metrics import roc_auc
 SMILES_TOKENS = 350  # ChemNet's own length, as the preset sets it
 
 
-def chemnet_token_table(smiles: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """[M, 350] token ids as the featurizer puts them among the descriptors, and [M] whether the
-    molecule could be featurized (the rows of those that could not stay zeros, never used)."""
+def chemnet_token_table(smiles: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[M, 350] token ids as the featurizer puts them among the descriptors, [M] whether the
+    molecule could be featurized (the rows of those that could not stay zeros, never used), and
+    [M] scaffolds (the Platt scaling's folds keep them whole, as in `mol_props train`)."""
     preprocess = compose_config([f"preprocess.smiles_tokens={SMILES_TOKENS}"]).preprocess
     columns = Featurizer(preprocess).smiles_token_columns
-    results = featurize_parallel(smiles, preprocess, num_workers=0, progress=False)
+    results = featurize_parallel(smiles, preprocess, num_workers=0, progress=False, with_keys=True)
     featurized = np.array([isinstance(result, MoleculeGraph) for result in results])
     token_ids = np.zeros((len(smiles), SMILES_TOKENS), dtype=np.float32)
+    scaffolds = np.full(len(smiles), "", dtype=object)
     for i in np.flatnonzero(featurized):
         token_ids[i] = results[i].descriptors[columns]
-    return token_ids, featurized
+        scaffolds[i] = results[i].scaffold
+    return token_ids, featurized, scaffolds
 
 
 def member_predictions(
@@ -62,13 +75,19 @@ def member_predictions(
     assignment: np.ndarray,
     featurized: np.ndarray,
     svm_c: float,
+    scaffolds: np.ndarray,
+    calibration_folds: int,
 ) -> np.ndarray:
-    """[M] out-of-fold probabilities of the ChemNet SVM (NaN where unfeaturizable)."""
+    """[M] out-of-fold probabilities of the ChemNet SVM (NaN where unfeaturizable); with
+    `calibration_folds`, Platt-scaled over that many folds of each fitting part's scaffolds."""
     predictions = np.full(len(labels), np.nan)
     for fold in np.unique(assignment):
         fit = (assignment != fold) & featurized
         held = (assignment == fold) & featurized
-        member = fit_svm_on_features(encoder, features[fit], labels[fit, None], 0, svm_c)
+        calibration = Calibration(calibration_folds, scaffolds[fit]) if calibration_folds else None
+        member = fit_svm_on_features(
+            encoder, features[fit], labels[fit, None], 0, svm_c, calibration
+        )
         with torch.no_grad():
             held_features = torch.from_numpy(features[held].astype(np.float32))
             predictions[held] = member.classify(held_features).numpy()[:, 0]
@@ -101,16 +120,22 @@ def figures(
     resamples: int,
     seed: int,
 ) -> str:
-    """ "pooled / lone scaffolds (difference from the default ± its standard error)"; `scored`
-    marks the lone-scaffold molecules the default model scores."""
+    """ "pooled / lone scaffolds (difference from the default ± its standard error), Brier
+    (pooled)"; `scored` marks the lone-scaffold molecules the default model scores."""
     difference, error = bootstrap_difference(
         labels[scored], default[scored], predictions[scored], resamples, seed
     )
     return (
         f"{masked_auc(labels, predictions):.4f} / "
         f"{masked_auc(labels[scored], predictions[scored]):.4f} "
-        f"({difference:+.4f} ± {error:.4f})"
+        f"({difference:+.4f} ± {error:.4f}), Brier {masked_brier(labels, predictions):.4f}"
     )
+
+
+def masked_brier(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """Brier score over the molecules with a prediction (NaN: unfeaturizable)."""
+    present = ~np.isnan(probabilities)
+    return float(np.mean((probabilities[present] - labels[present]) ** 2))
 
 
 def main(
@@ -119,18 +144,22 @@ def main(
     readouts: tuple[str, ...] = READOUTS,
     c_values: tuple[float, ...] = (1.0, 2.0),
     shares: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8),
+    calibrations: tuple[int, ...] = (0, 5),
     resamples: int = 1000,
     gnn_cache: str = "data/cache/blend_cv",
     benchmark_dir: str = str(REPO_ROOT.parent / "shared" / "benchmark"),
 ) -> None:
-    """Cross-validate the ChemNet SVM per read-out and C, alone and averaged with the default
-    model at each share; print ROC-AUCs (see the module doc)."""
+    """Cross-validate the ChemNet SVM per read-out, C and calibration (Platt scaling folds, 0 =
+    none), alone and averaged with the default model at each share; print ROC-AUCs and Brier
+    scores (see the module doc)."""
     if unknown := [readout for readout in readouts if readout not in READOUTS]:
         raise SystemExit(f"error: --readouts: {unknown} not among {list(READOUTS)}")
     if not all(value > 0 for value in c_values):
         raise SystemExit(f"error: --c_values={list(c_values)}: each must be positive")
     if not all(0.0 < share <= 1.0 for share in shares):
         raise SystemExit(f"error: --shares={list(shares)}: each must lie in (0, 1]")
+    if not all(value == 0 or value >= 2 for value in calibrations):
+        raise SystemExit(f"error: --calibrations={list(calibrations)}: each 0 (none) or >= 2")
     if resamples < 10:
         raise SystemExit(f"error: --resamples={resamples}: must be at least 10")
     model = compose_config([]).model
@@ -139,7 +168,7 @@ def main(
     with table.open(newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if row["split"] in ("train", "val")]
     labels = np.array([float(row["label"]) for row in rows])
-    token_ids, featurized = chemnet_token_table([row["smiles"] for row in rows])
+    token_ids, featurized, scaffolds = chemnet_token_table([row["smiles"] for row in rows])
     features = {}
     for readout in readouts:
         encoder = ChemNetEncoder.pretrained(SMILES_TOKENS, readout)
@@ -166,14 +195,23 @@ def main(
         print(
             f"seed {seed}: default model {masked_auc(labels, default):.4f} / "
             f"{masked_auc(labels[scored], default[scored]):.4f} (lone scaffolds: {scored.sum()})"
+            f", Brier {masked_brier(labels, default):.4f}"
         )
         for readout, (encoder, readout_features) in features.items():
-            for svm_c in c_values:
+            for svm_c, calibration_folds in itertools.product(c_values, calibrations):
                 member = member_predictions(
-                    readout_features, encoder, labels, assignment, featurized, svm_c
+                    readout_features,
+                    encoder,
+                    labels,
+                    assignment,
+                    featurized,
+                    svm_c,
+                    scaffolds,
+                    calibration_folds,
                 )
                 line = figures(labels, scored, default, member, resamples, seed)
-                print(f"seed {seed}, {readout} read-out, C {svm_c:g}: alone {line}")
+                scaling = f"Platt {calibration_folds} folds" if calibration_folds else "no Platt"
+                print(f"seed {seed}, {readout} read-out, C {svm_c:g}, {scaling}: alone {line}")
                 for share in shares:
                     averaged = (1 - share) * default + share * member  # [M]
                     line = figures(labels, scored, default, averaged, resamples, seed)

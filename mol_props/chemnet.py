@@ -17,8 +17,9 @@ README, "ChemNet".
         -> LSTM 128 -> 512 over those outputs from last to first,
            i.e. the SMILES' steps first, then the padding's        [B, L/4, 512]
         -> max over the steps (or the last output)                 [B, 512]
-        -> standardized -> RBF kernel to the support vectors        [B, S]
-        -> @ coefficients + intercepts -> sigmoid                   [B, T]
+        -> standardized -> RBF kernel to the support vectors       [B, S]
+        -> @ coefficients + intercepts: the margin                 [B, T]
+        -> x slope + offset (Platt scaling) -> sigmoid             [B, T]
 
 ChemNet's weights ship in the fcd_torch package (MIT licence); training reads them once and the
 checkpoint keeps them. The reversals are ChemNet's own (Keras LSTMs that read backwards); the
@@ -32,6 +33,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +61,15 @@ _ENCODER_PARTS = ("first_convolution", "second_convolution", "first_lstm", "seco
 # after the last step, as the Frechet ChemNet Distance reads it; "max" the largest value of each
 # output over all steps (the padding's included), which the SVM ranks new scaffolds better with.
 READOUTS = CHOICES[("model", "chemnet_readout")]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How the member's margins become probabilities (platt_scaling): `folds` scaffold folds
+    over the fitted molecules, whose scaffolds [M] are `groups`."""
+
+    folds: int
+    groups: np.ndarray
 
 
 def chemnet_weights_path() -> Path:
@@ -153,8 +164,10 @@ class ChemNetEncoder(nn.Module):
 
 class ChemNetSVM(nn.Module):
     """A fitted ChemNet member; forward(token ids [B, L]) -> probabilities [B, T]: the sigmoid of
-    each target's SVM margin (the margin ranks; the sigmoid puts it on the other members' scale
-    for the average, as the cross-validation that chose the share did)."""
+    each target's SVM margin, scaled by `margin_slope` and shifted by `margin_offset` (Platt
+    scaling, fitted on out-of-fold margins; 1 and 0 leave the plain sigmoid of the margin, as
+    members saved before the scaling had). The margin ranks; the scaling makes it a probability
+    on the other members' scale for the average."""
 
     def __init__(
         self,
@@ -168,6 +181,8 @@ class ChemNetSVM(nn.Module):
         intercepts: Tensor,
         gamma: float,
         readout: str,
+        margin_slope: Tensor | None = None,
+        margin_offset: Tensor | None = None,
     ) -> None:
         super().__init__()
         self.encoder = ChemNetEncoder(token_count, readout)
@@ -179,6 +194,11 @@ class ChemNetSVM(nn.Module):
         self.register_buffer("support", support)  # [S, 512] standardized support vectors
         self.register_buffer("coefficients", coefficients)  # [S, T] dual coefficients
         self.register_buffer("intercepts", intercepts)  # [T]
+        targets = intercepts.shape[0]
+        slope = torch.ones(targets) if margin_slope is None else margin_slope
+        offset = torch.zeros(targets) if margin_offset is None else margin_offset
+        self.register_buffer("margin_slope", slope)  # [T]
+        self.register_buffer("margin_offset", offset)  # [T]
         self.register_buffer("support_squares", (support * support).sum(dim=1), persistent=False)
         self.gamma = gamma
 
@@ -192,7 +212,8 @@ class ChemNetSVM(nn.Module):
         squares = (features * features).sum(dim=1, keepdim=True)  # [B, 1]
         distances = squares + self.support_squares - 2.0 * features @ self.support.T  # [B, S]
         kernel = torch.exp(-self.gamma * distances.clamp(min=0.0))  # [B, S]
-        return torch.sigmoid(kernel @ self.coefficients + self.intercepts)  # [B, T]
+        margins = kernel @ self.coefficients + self.intercepts  # [B, T]
+        return torch.sigmoid(margins * self.margin_slope + self.margin_offset)  # [B, T]
 
     def molecule_forward(
         self, atom_features: Tensor, atom_mask: Tensor, descriptors: Tensor
@@ -214,11 +235,14 @@ class ChemNetSVM(nn.Module):
             "intercepts": self.intercepts,
             "gamma": self.gamma,
             "readout": self.encoder.readout,
+            "margin_slope": self.margin_slope,
+            "margin_offset": self.margin_offset,
         }
 
     @classmethod
     def from_state(cls, state: dict[str, object]) -> ChemNetSVM:
-        # Checkpoints from before model.chemnet_readout read the last step.
+        # Checkpoints from before model.chemnet_readout read the last step; those from before
+        # the Platt scaling have no slope and offset, and keep the plain sigmoid.
         return cls(**{"readout": "last", **state})
 
 
@@ -233,20 +257,32 @@ def chemnet_features(encoder: ChemNetEncoder, token_ids: np.ndarray) -> np.ndarr
 
 
 def fit_chemnet_svm(
-    token_ids: np.ndarray, targets: np.ndarray, token_start: int, svm_c: float, readout: str
+    token_ids: np.ndarray,
+    targets: np.ndarray,
+    token_start: int,
+    svm_c: float,
+    readout: str,
+    calibration: Calibration | None = None,
 ) -> ChemNetSVM:
     """The ChemNet member fitted on token ids [M, L] float32 (the descriptor columns from
     `token_start`): pretrained ChemNet's features, then fit_svm_on_features."""
     started = time.perf_counter()
     encoder = ChemNetEncoder.pretrained(token_ids.shape[1], readout)
     features = chemnet_features(encoder, token_ids.astype(np.float32))  # [M, 512]
-    member = fit_svm_on_features(encoder, features, targets, token_start, svm_c)
+    member = fit_svm_on_features(encoder, features, targets, token_start, svm_c, calibration)
+    scaling = "no Platt scaling"
+    if calibration is not None:
+        pairs = zip(member.margin_slope.tolist(), member.margin_offset.tolist())
+        scaling = f"Platt scaling from {calibration.folds} scaffold folds: slope, offset " + (
+            ", ".join(f"{slope:.2f}, {offset:+.2f}" for slope, offset in pairs)
+        )
     LOGGER.info(
-        "chemnet: %d molecules, %d support vectors (C %g, %s read-out) in %.1f s",
+        "chemnet: %d molecules, %d support vectors (C %g, %s read-out; %s) in %.1f s",
         len(token_ids),
         len(member.support),
         svm_c,
         readout,
+        scaling,
         time.perf_counter() - started,
     )
     return member
@@ -258,12 +294,15 @@ def fit_svm_on_features(
     targets: np.ndarray,
     token_start: int,
     svm_c: float,
+    calibration: Calibration | None = None,
 ) -> ChemNetSVM:
     """An RBF SVM per target (classes weighted inversely to their frequency) on the standardized
     `features` [M, 512] (float64, from `encoder`) of the rows labelled for it. `targets` [M, T]
     0/1 labels, NaN = missing. One kernel width for all targets: scikit-learn's "scale" over all
     rows, 1 / (512 x the features' variance). The support is the union of every target's support
-    vectors; a molecule keeps coefficient 0 for a target whose support it is not in."""
+    vectors; a molecule keeps coefficient 0 for a target whose support it is not in. With
+    `calibration`, each target's margin also gets a Platt scaling (platt_scaling); without it,
+    the member gives the plain sigmoid of the margin."""
     from sklearn.svm import SVC
 
     mean = features.mean(axis=0)
@@ -273,6 +312,8 @@ def fit_svm_on_features(
     gamma = 1.0 / (FEATURE_SIZE * standardized.var())
     coefficients = np.zeros(targets.shape, dtype=np.float64)  # [M, T]
     intercepts = np.zeros(targets.shape[1], dtype=np.float64)
+    slopes = np.ones(targets.shape[1], dtype=np.float64)
+    offsets = np.zeros(targets.shape[1], dtype=np.float64)
     for k in range(targets.shape[1]):
         labelled = np.flatnonzero(~np.isnan(targets[:, k]))
         labels = targets[labelled, k]
@@ -286,6 +327,15 @@ def fit_svm_on_features(
         # The margin is positive for classes_[1], the label 1.
         coefficients[labelled[svm.support_], k] = svm.dual_coef_[0]
         intercepts[k] = svm.intercept_[0]
+        if calibration is not None:
+            slopes[k], offsets[k] = platt_scaling(
+                standardized[labelled],
+                labels,
+                calibration.groups[labelled],
+                calibration.folds,
+                svm_c,
+                gamma,
+            )
     in_support = np.flatnonzero(np.any(coefficients != 0, axis=1))
     return ChemNetSVM(
         encoder=encoder.state_dict(),
@@ -298,4 +348,43 @@ def fit_svm_on_features(
         intercepts=torch.from_numpy(intercepts.astype(np.float32)),
         gamma=float(gamma),
         readout=encoder.readout,
+        margin_slope=torch.from_numpy(slopes.astype(np.float32)),
+        margin_offset=torch.from_numpy(offsets.astype(np.float32)),
     )
+
+
+def platt_scaling(
+    standardized: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    folds: int,
+    svm_c: float,
+    gamma: float,
+) -> tuple[float, float]:
+    """(slope, offset) such that sigmoid(slope x margin + offset) is a probability: a logistic
+    regression of the labels [M] on out-of-fold margins, each from the same SVM fitted on the
+    other folds. The folds keep each group (a molecule's scaffold) whole, so every margin comes
+    from an SVM that saw none of its molecule's scaffold, as a served molecule from a new
+    scaffold is scored (scikit-learn's CalibratedClassifierCV would split molecules at random)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupKFold
+    from sklearn.svm import SVC
+
+    if np.unique(groups).size < folds:
+        raise ConfigError(
+            f"model.chemnet_calibration_folds={folds}: only {np.unique(groups).size} scaffolds "
+            "to split; use fewer folds, or 0 for no calibration"
+        )
+    margins = np.zeros(len(labels))  # [M] out of fold
+    for fit, held in GroupKFold(n_splits=folds).split(standardized, labels, groups):
+        if np.unique(labels[fit]).size < 2:
+            raise ConfigError(
+                f"model.chemnet_calibration_folds={folds}: a fold leaves one class only to fit "
+                "on; use fewer folds, or 0 for no calibration"
+            )
+        svm = SVC(C=svm_c, kernel="rbf", gamma=gamma, class_weight="balanced")
+        margins[held] = svm.fit(standardized[fit], labels[fit]).decision_function(
+            standardized[held]
+        )
+    logistic = LogisticRegression(C=np.inf).fit(margins[:, None], labels)
+    return float(logistic.coef_[0, 0]), float(logistic.intercept_[0])

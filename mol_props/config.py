@@ -136,6 +136,10 @@ class ModelConfig:
     # Which of ChemNet's outputs the SVM reads (mol_props.chemnet.READOUTS); "last" is what
     # models saved before the setting read.
     chemnet_readout: str = "last"
+    # Scaffold folds for the Platt scaling of the SVM's margins into probabilities
+    # (mol_props.chemnet.platt_scaling); 0 = the plain sigmoid of the margin, as models saved
+    # before the setting had.
+    chemnet_calibration_folds: int = 0
     head_hidden_dim: int = MISSING
     head_layers: int = MISSING
 
@@ -352,6 +356,7 @@ AT_LEAST_ZERO = (
     ("model", "fingerprint_hidden_dim"),
     ("model", "forest_trees"),
     ("model", "forest_depth"),  # 0 = unlimited
+    ("model", "chemnet_calibration_folds"),  # 0 = no calibration
     ("train", "num_threads"),
     ("train", "weight_decay"),
     ("train", "gradient_clip"),  # 0 = no clipping (as in Lightning's Trainer)
@@ -439,6 +444,11 @@ def check_member_shares(model: ModelConfig, preprocess: PreprocessConfig) -> Non
             f"model.chemnet_weight={model.chemnet_weight}: the ChemNet member reads "
             "preprocess.smiles_tokens, which is 0; set preprocess.smiles_tokens=350 (or use "
             "model=dense_gnn_chemnet, which sets both)"
+        )
+    if model.chemnet_calibration_folds == 1:
+        raise ConfigError(
+            "model.chemnet_calibration_folds=1: one fold leaves nothing to fit on; 0 (no "
+            "calibration) or at least 2"
         )
     forest_share = model.forest_weight if model.forest_trees > 0 else 0.0
     if forest_share + model.kernel_weight + model.chemnet_weight > 1.0 + 1e-9:

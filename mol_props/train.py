@@ -30,7 +30,7 @@ from lightning.fabric import Fabric
 from torch.utils.data import DataLoader, Dataset
 
 from mol_props import plots
-from mol_props.chemnet import ChemNetSVM, fit_chemnet_svm
+from mol_props.chemnet import Calibration, ChemNetSVM, fit_chemnet_svm
 from mol_props.config import Config, TrainConfig, to_flat_dict
 from mol_props.data import PreparedData, prepare_data
 from mol_props.errors import ConfigError, MolPropsError
@@ -962,12 +962,19 @@ def _fit_chemnet(
     config: Config, data: PreparedData, rows: np.ndarray, scaling: Scaling
 ) -> ChemNetSVM:
     """The ChemNet member on `rows`, from the SMILES token ids (the descriptor columns after
-    the forest's)."""
+    the forest's), its margins Platt-scaled over folds of the rows' scaffolds."""
     columns = Featurizer(config.preprocess).smiles_token_columns
     token_ids = np.stack([data.graphs[i].descriptors[columns] for i in rows])  # [M, L]
     targets = _member_targets(config, data, rows, scaling)  # labels: it is a classifier
+    folds = config.model.chemnet_calibration_folds
+    scaffolds = np.array([data.graphs[i].scaffold for i in rows])
     return fit_chemnet_svm(
-        token_ids, targets, columns.start, config.model.chemnet_c, config.model.chemnet_readout
+        token_ids,
+        targets,
+        columns.start,
+        config.model.chemnet_c,
+        config.model.chemnet_readout,
+        Calibration(folds, scaffolds) if folds else None,
     )
 
 

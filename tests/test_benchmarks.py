@@ -25,6 +25,7 @@ from tests.conftest import REPO_ROOT
         ("blend_cv.py", ["--benchmark_dir=/nonexistent"], "no b3db_classification"),
         ("chemnet_cv.py", ["--readouts=[mean]"], "error: --readouts: ['mean'] not among"),
         ("chemnet_cv.py", ["--shares=[0.5,1.5]"], "error: --shares=[0.5, 1.5]: each must lie"),
+        ("chemnet_cv.py", ["--calibrations=[0,1]"], "error: --calibrations=[0, 1]: each 0"),
         (
             "triton_load.py",
             ["--http=http://127.0.0.1:9", "--protocols=http"],

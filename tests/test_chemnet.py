@@ -11,9 +11,17 @@ import torch
 from fcd_torch import FCD
 from fcd_torch.utils import get_one_hot
 from rdkit import Chem
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GroupKFold
 from sklearn.svm import SVC
 
-from mol_props.chemnet import ChemNetEncoder, ChemNetSVM, chemnet_features, fit_chemnet_svm
+from mol_props.chemnet import (
+    Calibration,
+    ChemNetEncoder,
+    ChemNetSVM,
+    chemnet_features,
+    fit_chemnet_svm,
+)
 from mol_props.config import compose_config
 from mol_props.errors import ConfigError
 from mol_props.export import export_onnx
@@ -177,6 +185,77 @@ def test_svm_equals_scikit_learn_on_chemnet_features_per_labelled_target(molecul
     assert np.abs(predicted[:, 0] + predicted[:, 1] - 1).max() > 1e-3
 
 
+def _standardized(features: np.ndarray, fitted: int) -> tuple[np.ndarray, float]:
+    """Features standardized over the first `fitted` rows, and scikit-learn's "scale" width."""
+    mean, scale = features[:fitted].mean(axis=0), features[:fitted].std(axis=0)
+    standardized = (features - mean) / np.where(scale == 0, 1.0, scale)
+    return standardized, 1.0 / (512 * standardized[:fitted].var())
+
+
+def test_platt_scaling_is_a_logistic_regression_on_margins_from_whole_group_folds(
+    molecules, max_encoder
+):
+    graphs, labels, featurizer = molecules
+    token_ids = _token_ids(graphs, featurizer)
+    groups = np.arange(90) % 30  # 30 "scaffolds" of 3 molecules each
+    member = fit_chemnet_svm(
+        token_ids[:90], labels[:90, None], 0, 2.0, "max", Calibration(3, groups)
+    )
+    plain = fit_chemnet_svm(token_ids[:90], labels[:90, None], 0, 2.0, "max")
+    standardized, gamma = _standardized(chemnet_features(max_encoder, token_ids), 90)
+    margins = np.zeros(90)
+    folds = list(GroupKFold(n_splits=3).split(standardized[:90], labels[:90], groups))
+    for fit, held in folds:
+        assert not set(groups[fit]) & set(groups[held])  # no group on both sides
+        reference = SVC(C=2.0, gamma=gamma, class_weight="balanced").fit(
+            standardized[fit], labels[fit]
+        )
+        margins[held] = reference.decision_function(standardized[held])
+    logistic = LogisticRegression(C=np.inf).fit(margins[:, None], labels[:90])
+    slope, offset = logistic.coef_[0, 0], logistic.intercept_[0]
+    np.testing.assert_allclose(member.margin_slope.numpy(), [slope], rtol=1e-5)
+    np.testing.assert_allclose(member.margin_offset.numpy(), [offset], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        held_ids = torch.from_numpy(token_ids[90:])
+        calibrated = member(held_ids).numpy()[:, 0]  # [30]
+        raw = plain(held_ids).numpy()[:, 0]
+    # The same SVM underneath, so the same ranking; the probabilities are the scaled margins'.
+    raw_margins = np.log(raw / (1 - raw))
+    np.testing.assert_allclose(
+        calibrated, 1 / (1 + np.exp(-(slope * raw_margins + offset))), atol=1e-5
+    )
+    assert abs(slope - 1) > 0.05  # the scaling does something on these molecules
+
+
+def test_platt_scaling_with_more_folds_than_scaffolds_is_a_clear_error(molecules):
+    graphs, labels, featurizer = molecules
+    with pytest.raises(ConfigError, match="calibration_folds=5: only 4 scaffolds to split"):
+        fit_chemnet_svm(
+            _token_ids(graphs[:40], featurizer),
+            labels[:40, None],
+            0,
+            1.0,
+            "max",
+            Calibration(5, np.arange(40) % 4),
+        )
+
+
+def test_a_checkpoint_from_before_platt_scaling_gives_the_plain_sigmoid(molecules):
+    graphs, labels, featurizer = molecules
+    token_ids = _token_ids(graphs, featurizer)
+    plain = fit_chemnet_svm(token_ids[:90], labels[:90, None], 0, 1.0, "max")
+    calibrated = fit_chemnet_svm(
+        token_ids[:90], labels[:90, None], 0, 1.0, "max", Calibration(3, np.arange(90))
+    )
+    state = calibrated.state()
+    del state["margin_slope"], state["margin_offset"]  # as saved before the scaling existed
+    restored = ChemNetSVM.from_state(state)
+    with torch.no_grad():
+        held_ids = torch.from_numpy(token_ids[90:])
+        np.testing.assert_array_equal(restored(held_ids).numpy(), plain(held_ids).numpy())
+        assert np.abs(calibrated(held_ids).numpy() - plain(held_ids).numpy()).max() > 1e-3
+
+
 def test_a_target_of_one_class_is_a_clear_error(molecules):
     graphs, _, featurizer = molecules
     with pytest.raises(ConfigError, match="target 0: its training labels are all one class"):
@@ -193,6 +272,7 @@ def test_checkpoint_state_and_onnx_runtime_give_the_served_average(molecules, tm
         featurizer.forest_descriptor_count,
         svm_c=1.0,
         readout="max",
+        calibration=Calibration(3, np.arange(90) % 30),
     )
     path = tmp_path / "checkpoint.pt"
     torch.save({"chemnet": member.state()}, path)
@@ -244,6 +324,7 @@ def test_preset_turns_on_the_tokens_and_the_member_and_shrinks_the_others():
     assert config.preprocess.smiles_tokens == LENGTH
     assert (config.model.chemnet_weight, config.model.forest_weight) == (0.7, 0.21)
     assert (config.model.chemnet_c, config.model.chemnet_readout) == (2.0, "max")
+    assert config.model.chemnet_calibration_folds == 5
     assert config.model.forest_trees > 0 and config.model.fingerprint_hidden_dim > 0
 
 
@@ -259,6 +340,8 @@ def test_preset_turns_on_the_tokens_and_the_member_and_shrinks_the_others():
         (["model.chemnet_readout=mean"], "expected one of max, last"),
         (["preprocess.smiles_tokens=1"], "room for the end mark alone"),
         (["model=dense_gnn_chemnet", "model.chemnet_c=0"], "must be positive"),
+        (["model.chemnet_calibration_folds=1"], "one fold leaves nothing to fit on"),
+        (["model.chemnet_calibration_folds=-2"], "chemnet_calibration_folds=-2"),
     ],
 )
 def test_settings_that_cannot_work_are_refused_with_the_reason(overrides, message):

@@ -731,6 +731,8 @@ def test_the_chemnet_preset_serves_its_member_and_infer_still_imports_no_torch(
     payload = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
     member = ChemNetSVM.from_state(payload["chemnet"])
     assert member.token_count == 350 and member.support.shape[1] == 512
+    # Platt-scaled over the training molecules' scaffold folds (the model's default 5).
+    assert abs(member.margin_slope.item() - 1.0) > 0.01
 
     # The exported model carries the member: ONNX Runtime matches PyTorch, and its predictions
     # on the test molecules score the test metric the run reported.
