@@ -198,33 +198,37 @@ def test_platt_scaling_is_a_logistic_regression_on_margins_from_whole_group_fold
     graphs, labels, featurizer = molecules
     token_ids = _token_ids(graphs, featurizer)
     groups = np.arange(90) % 30  # 30 "scaffolds" of 3 molecules each
-    member = fit_chemnet_svm(
-        token_ids[:90], labels[:90, None], 0, 2.0, "max", Calibration(3, groups)
-    )
-    plain = fit_chemnet_svm(token_ids[:90], labels[:90, None], 0, 2.0, "max")
+    targets = np.stack([labels, 1 - labels], axis=1)[:90]  # [90, 2]
+    targets[::4, 1] = np.nan  # the second target misses a quarter of its labels
+    member = fit_chemnet_svm(token_ids[:90], targets, 0, 2.0, "max", Calibration(3, groups))
+    plain = fit_chemnet_svm(token_ids[:90], targets, 0, 2.0, "max")
     standardized, gamma = _standardized(chemnet_features(max_encoder, token_ids), 90)
-    margins = np.zeros(90)
-    folds = list(GroupKFold(n_splits=3).split(standardized[:90], labels[:90], groups))
-    for fit, held in folds:
-        assert not set(groups[fit]) & set(groups[held])  # no group on both sides
-        reference = SVC(C=2.0, gamma=gamma, class_weight="balanced").fit(
-            standardized[fit], labels[fit]
-        )
-        margins[held] = reference.decision_function(standardized[held])
-    logistic = LogisticRegression(C=np.inf).fit(margins[:, None], labels[:90])
-    slope, offset = logistic.coef_[0, 0], logistic.intercept_[0]
-    np.testing.assert_allclose(member.margin_slope.numpy(), [slope], rtol=1e-5)
-    np.testing.assert_allclose(member.margin_offset.numpy(), [offset], rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         held_ids = torch.from_numpy(token_ids[90:])
-        calibrated = member(held_ids).numpy()[:, 0]  # [30]
-        raw = plain(held_ids).numpy()[:, 0]
-    # The same SVM underneath, so the same ranking; the probabilities are the scaled margins'.
-    raw_margins = np.log(raw / (1 - raw))
-    np.testing.assert_allclose(
-        calibrated, 1 / (1 + np.exp(-(slope * raw_margins + offset))), atol=1e-5
-    )
-    assert abs(slope - 1) > 0.05  # the scaling does something on these molecules
+        calibrated = member(held_ids).numpy()  # [30, 2]
+        raw = plain(held_ids).numpy()
+    raw_margins = np.log(raw / (1 - raw))  # [30, 2]
+    for k in range(2):
+        labelled = np.flatnonzero(~np.isnan(targets[:, k]))
+        target, target_groups = targets[labelled, k], groups[labelled]
+        margins = np.zeros(len(labelled))
+        for fit, held in GroupKFold(n_splits=3).split(labelled, target, target_groups):
+            assert not set(target_groups[fit]) & set(target_groups[held])  # groups stay whole
+            reference = SVC(C=2.0, gamma=gamma, class_weight="balanced").fit(
+                standardized[labelled[fit]], target[fit]
+            )
+            margins[held] = reference.decision_function(standardized[labelled[held]])
+        logistic = LogisticRegression(C=np.inf).fit(margins[:, None], target)
+        slope, offset = logistic.coef_[0, 0], logistic.intercept_[0]
+        assert member.margin_slope[k].item() == pytest.approx(slope, rel=1e-5)
+        assert member.margin_offset[k].item() == pytest.approx(offset, rel=1e-5, abs=1e-6)
+        assert abs(slope - 1) > 0.05  # the scaling does something on these molecules
+        # The same SVM underneath, so the same ranking; the probability is the scaled margin's.
+        np.testing.assert_allclose(
+            calibrated[:, k], 1 / (1 + np.exp(-(slope * raw_margins[:, k] + offset))), atol=1e-5
+        )
+    # Each target has its own scaling: the second's differs, since it saw fewer molecules.
+    assert abs(member.margin_slope[0].item() - member.margin_slope[1].item()) > 1e-3
 
 
 def test_platt_scaling_with_more_folds_than_scaffolds_is_a_clear_error(molecules):
