@@ -370,10 +370,10 @@ def platt_scaling(
     from sklearn.model_selection import GroupKFold
     from sklearn.svm import SVC
 
-    if np.unique(groups).size < folds:
+    if (scaffold_count := np.unique(groups).size) < folds:
         raise ConfigError(
-            f"model.chemnet_calibration_folds={folds}: only {np.unique(groups).size} scaffolds "
-            "to split; use fewer folds, or 0 for no calibration"
+            f"model.chemnet_calibration_folds={folds}: only {scaffold_count} scaffolds to "
+            "split; use fewer folds, or 0 for no calibration"
         )
     margins = np.zeros(len(labels))  # [M] out of fold
     for fit, held in GroupKFold(n_splits=folds).split(standardized, labels, groups):

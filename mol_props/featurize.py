@@ -254,7 +254,6 @@ class Featurizer:
         # member's counts. The kernel's come last, so the forest reads a prefix: every column
         # before the token ids.
         self.forest_descriptor_count = len(self._descriptor_functions) + config.fingerprint.size
-        self.smiles_token_count = config.smiles_tokens
         # ChemNet's token ids (the ChemNet member's input) among the descriptor columns.
         self.smiles_token_columns = slice(
             self.forest_descriptor_count, self.forest_descriptor_count + config.smiles_tokens
@@ -498,9 +497,9 @@ class Featurizer:
         parts = [values]  # in column order
         if self._fingerprint is not None:
             parts.append(self._fingerprint.GetCountFingerprintAsNumPy(molecule).astype(np.float32))
-        if self.smiles_token_count:
+        if self.config.smiles_tokens:
             smiles = Chem.MolToSmiles(molecule)
-            parts.append(chemnet_token_ids(smiles, self.smiles_token_count))
+            parts.append(chemnet_token_ids(smiles, self.config.smiles_tokens))
         if self._kernel_fingerprint is not None:
             counts = self._kernel_fingerprint.GetCountFingerprintAsNumPy(molecule)
             parts.append(counts.astype(np.float32))

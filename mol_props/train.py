@@ -967,14 +967,16 @@ def _fit_chemnet(
     token_ids = np.stack([data.graphs[i].descriptors[columns] for i in rows])  # [M, L]
     targets = _member_targets(config, data, rows, scaling)  # labels: it is a classifier
     folds = config.model.chemnet_calibration_folds
-    scaffolds = np.array([data.graphs[i].scaffold for i in rows])
+    calibration = None
+    if folds:
+        calibration = Calibration(folds, np.array([data.graphs[i].scaffold for i in rows]))
     return fit_chemnet_svm(
         token_ids,
         targets,
         columns.start,
         config.model.chemnet_c,
         config.model.chemnet_readout,
-        Calibration(folds, scaffolds) if folds else None,
+        calibration,
     )
 
 
