@@ -95,6 +95,12 @@ def test_configs_parse_complete_and_named_after_their_folders():
         configs["mol_props_trt"].instance_group[0].kind
         == model_config_pb2.ModelInstanceGroup.KIND_GPU
     )
+    # The model step keeps pace with the featurizer: as many instances (README, "Benchmark
+    # results").
+    assert (
+        configs["mol_props_onnx"].instance_group[0].count
+        == configs["mol_props_featurizer"].instance_group[0].count
+    )
 
 
 def test_public_interface_is_smiles_in_prediction_valid_error_out():
