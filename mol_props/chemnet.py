@@ -35,6 +35,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -43,6 +44,9 @@ from torch import Tensor, nn
 from mol_props.config import CHOICES
 from mol_props.errors import ConfigError
 from mol_props.featurize import CHEMNET_VOCABULARY
+
+if TYPE_CHECKING:  # annotations only: scikit-learn is imported when a member is fitted
+    from sklearn.svm import SVC
 
 LOGGER = logging.getLogger(__name__)
 
@@ -303,8 +307,6 @@ def fit_svm_on_features(
     vectors; a molecule keeps coefficient 0 for a target whose support it is not in. With
     `calibration`, each target's margin also gets a Platt scaling (platt_scaling); without it,
     the member gives the plain sigmoid of the margin."""
-    from sklearn.svm import SVC
-
     mean = features.mean(axis=0)
     scale = features.std(axis=0)
     scale[scale == 0] = 1.0  # a feature constant over training: (x - mean) stays 0 for it
@@ -322,8 +324,7 @@ def fit_svm_on_features(
                 f"target {k}: its training labels are all one class; the ChemNet member "
                 "(model.chemnet_weight) needs both"
             )
-        svm = SVC(C=svm_c, kernel="rbf", gamma=gamma, class_weight="balanced")
-        svm.fit(standardized[labelled], labels)
+        svm = _new_svm(svm_c, gamma).fit(standardized[labelled], labels)
         # The margin is positive for classes_[1], the label 1.
         coefficients[labelled[svm.support_], k] = svm.dual_coef_[0]
         intercepts[k] = svm.intercept_[0]
@@ -353,6 +354,14 @@ def fit_svm_on_features(
     )
 
 
+def _new_svm(svm_c: float, gamma: float) -> SVC:
+    """The member's unfitted SVM: RBF kernel, classes weighted inversely to their frequency. The
+    Platt scaling's fold SVMs are this one too, so their margins are on the served one's scale."""
+    from sklearn.svm import SVC
+
+    return SVC(C=svm_c, kernel="rbf", gamma=gamma, class_weight="balanced")
+
+
 def platt_scaling(
     standardized: np.ndarray,
     labels: np.ndarray,
@@ -368,7 +377,6 @@ def platt_scaling(
     scaffold is scored (scikit-learn's CalibratedClassifierCV would split molecules at random)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GroupKFold
-    from sklearn.svm import SVC
 
     if (scaffold_count := np.unique(groups).size) < folds:
         raise ConfigError(
@@ -382,7 +390,7 @@ def platt_scaling(
                 f"model.chemnet_calibration_folds={folds}: a fold leaves one class only to fit "
                 "on; use fewer folds, or 0 for no calibration"
             )
-        svm = SVC(C=svm_c, kernel="rbf", gamma=gamma, class_weight="balanced")
+        svm = _new_svm(svm_c, gamma)
         margins[held] = svm.fit(standardized[fit], labels[fit]).decision_function(
             standardized[held]
         )
