@@ -12,7 +12,8 @@ feature matrix), and run by ONNX Runtime on 64-molecule batches of those rows wi
 threads. It prints the node count,
 the deepest tree (the walk's steps), the ONNX file size, microseconds per molecule (median of
 `--repeats`), and the largest difference from scikit-learn's predict_proba. For scale: the
-default GNN costs ~240 us per molecule in the 128-atom model Triton serves (README).
+default GNN costs ~240 us per molecule in the 128-atom model Triton serves
+(docs/experiments.md, "The forest member").
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ scaffolds. In 5-fold scaffold cross-validation on the benchmark's train + val mo
 (`readout="max"`) scored ROC-AUC 0.857 / 0.860 on the 355 molecules with a scaffold of their own,
 against 0.828 / 0.802 for the GNN, 0.827 / 0.830 for the forest, and 0.843 / 0.836 for an SVM
 (C 1) on the LSTM's last output (`readout="last"`, what the Frechet ChemNet Distance uses).
-README, "ChemNet".
+docs/experiments.md, "The ChemNet member".
 
     token ids [B, L] --one-hot / 35--> [B, 35, L]
         -> 2 x (same-padded Conv1d, kernel 4, stride 2; SELU)      [B, 32, L/4]

@@ -917,7 +917,8 @@ def _refit(
     """A fresh model (same seed) trained on train + val for the epoch count that early stopping
     chose. It follows the selection's learning-rate schedule (spanning train.max_epochs) and stops
     where the best epoch did, so its weights are the best epoch's counterpart, with more data.
-    (A schedule compressed into those epochs did worse on the benchmark's proxy, see README.)"""
+    (A schedule compressed into those epochs did worse on the benchmark's proxy:
+    docs/experiments.md.)"""
     rows = np.concatenate([data.splits["train"], data.splits["val"]])
     LOGGER.info(
         "refit: a fresh model on train + val (%d molecules) for %d epochs, the best epoch "
